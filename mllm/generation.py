@@ -1,0 +1,145 @@
+"""Generation: prefill once, then decode token by token from the KV cache, as an iterator.
+
+`stream_ids` is the one decode loop; `stream` / `generate` wrap it for a single request and
+`ChatSession` (mllm.session) reuses the cache across turns. Sampling uses transformers' logits
+processors, so temperature / top-p / repetition penalty mean exactly what they mean there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Most tokens in one reply."""
+    temperature: float = 0.0
+    """0 is greedy decoding; higher samples more freely."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (used when temperature > 0)."""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeating earlier tokens (CTRL-style, as in transformers)."""
+    seed: int | None = None
+    """Seed for sampling, for reproducible answers."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature > 0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+class Cancelled(Exception):
+    """Raised inside a stream when its cancel event is set (the caller stops reading)."""
+
+
+@torch.inference_mode()
+def stream_ids(
+    model,
+    new_ids: torch.Tensor,
+    cache: DynamicCache,
+    context_ids: list[int],
+    gen: GenerationConfig,
+    image_features: torch.Tensor | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[int]:
+    """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token.
+
+    `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
+    the cache is extended in place, so after the loop it holds context + new_ids + all yielded
+    tokens but the last.
+    """
+    llm, processor = model.llm, model.processor
+    stops = set(processor.stop_token_ids)
+    procs = gen.processors()
+    generator = None
+    if gen.temperature > 0 and gen.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(gen.seed)
+    history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
+    embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
+    # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
+    out = llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(gen.max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        scores = out.logits[:, -1].float()  # (1, V)
+        if procs:
+            scores = procs(torch.tensor([history], device=scores.device), scores)
+        if gen.temperature > 0:
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+        else:
+            token = int(scores.argmax(-1))
+        if token in stops:
+            return
+        yield token
+        history.append(token)
+        out = llm(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
+
+
+class TextStream:
+    """Incremental detokenizer: feed ids, get the new text; holds back half-formed UTF-8 characters."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def stream(
+    model,
+    messages: list[dict],
+    images: list | None = None,
+    gen: GenerationConfig | None = None,
+    cancel: threading.Event | None = None,
+    **gen_kwargs,
+) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` as text pieces."""
+    gen = gen or GenerationConfig(**gen_kwargs)
+    encoded = model.processor.encode(messages, images, add_generation_prompt=True)
+    features = None
+    if encoded.images:
+        with torch.inference_mode():
+            features = model.get_image_features(model.processor.pixel_values(encoded.images))
+    text = TextStream(model.processor)
+    for token in stream_ids(model, encoded.input_ids, DynamicCache(config=model.llm.config), [], gen, features, cancel):
+        piece = text.push(token)
+        if piece:
+            yield piece
+
+
+def generate(model, messages: list[dict], images: list | None = None, **kwargs) -> str:
+    return "".join(stream(model, messages, images, **kwargs))

@@ -1,0 +1,163 @@
+"""MLLM: vision tower -> connector -> image tokens merged into the LLM's token embeddings.
+
+The model never sees strings: the processor turns messages into ids where each image occupies
+`tokens_per_image` slots holding `image_token_id`. Here those slots are overwritten with the
+connector's output by `masked_scatter`, after a loud check that slots and features agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm.config import MLLMConfig
+from mllm.connectors import Connector, build_connector
+from mllm.image_processing import ImageProcessor
+from mllm.llm import attach_lora, compute_dtype, load_llm, load_tokenizer
+from mllm.processor import IGNORE_INDEX, Processor
+from mllm.templates import resolve_template
+from mllm.vision import VisionTower, build_vision
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+class MLLM(nn.Module):
+    def __init__(
+        self, config: MLLMConfig, vision: VisionTower, connector: Connector, llm: nn.Module, processor: Processor
+    ):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.processor = processor
+        self.image_token_id = processor.image_token_id
+        self.tokens_per_image = connector.num_tokens
+
+    @classmethod
+    def build(cls, config: MLLMConfig, device: str | torch.device | None = None) -> MLLM:
+        """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured)."""
+        device = pick_device(device)
+        vision = build_vision(config.vision)
+        llm = load_llm(config.llm, device)
+        if config.llm.lora is not None:
+            llm = attach_lora(llm, config.llm.lora)
+        tokenizer = load_tokenizer(config.llm.path)
+        llm_hidden = llm.get_input_embeddings().embedding_dim
+        connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
+        processor = make_processor(
+            config, tokenizer, vision, connector.num_tokens, resolve_template(config.template, tokenizer)
+        )
+        return cls(config, vision, connector, llm, processor).place(device)
+
+    def place(self, device: torch.device) -> MLLM:
+        """Tower and connector follow the LLM's device and compute dtype (they are never quantized)."""
+        dtype = compute_dtype(self.config.llm, device)
+        self.vision.to(device=device, dtype=dtype)
+        self.connector.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # ---- images -------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_img, 3, S, S) -> (n_img, N_img, D_llm)."""
+        tower_trains = any(p.requires_grad for p in self.vision.parameters()) and self.training
+        with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
+            features = self.vision(pixel_values.to(self.device))  # (n_img, N_v, D_v)
+        return self.connector(features.to(next(self.connector.parameters()).dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image slots filled: (B, L) -> (B, L, D_llm)."""
+        image_mask = input_ids == self.image_token_id  # (B, L)
+        # Image slots may hold an id past the LLM's vocabulary; look up a harmless id there instead.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        n_slots = int(image_mask.sum())
+        if image_features is None and pixel_values is not None and len(pixel_values):
+            image_features = self.get_image_features(pixel_values)
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_features:
+            raise ValueError(
+                f"image token slots ({n_slots}) and image features ({n_features}) differ: the text has "
+                f"{n_slots / self.tokens_per_image:g} image placeholder(s) of {self.tokens_per_image} tokens but "
+                f"{0 if image_features is None else image_features.shape[0]} image(s) were given"
+            )
+        if n_slots:
+            features = image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1])  # (n_img * N_img, D_llm)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(embeds), features)
+        return embeds
+
+    # ---- training / scoring -------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits (B, L, V), loss or None); loss is mean next-token CE over supervised tokens."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].to(self.device)  # (B, L-1): token t predicts t+1
+            if not (targets != IGNORE_INDEX).any():
+                raise ValueError(
+                    "every label in this batch is masked (-100): no assistant tokens to learn from; "
+                    "check the data (empty answers, or truncation cut them off)"
+                )
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ---- generation (see mllm.generation) ----------------------------------------------------
+    def generate(self, messages: list[dict], images: list | None = None, **kwargs) -> str:
+        from mllm.generation import generate
+
+        return generate(self, messages, images, **kwargs)
+
+    def stream(self, messages: list[dict], images: list | None = None, **kwargs):
+        from mllm.generation import stream
+
+        return stream(self, messages, images, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        from mllm.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> MLLM:
+        from mllm.checkpoint import load_pretrained
+
+        return load_pretrained(directory, **kwargs)
+
+
+def make_processor(
+    config: MLLMConfig, tokenizer, vision: VisionTower, tokens_per_image: int, template: str
+) -> Processor:
+    image_processor = ImageProcessor(
+        image_size=vision.image_size,
+        image_mean=tuple(vision.image_mean),
+        image_std=tuple(vision.image_std),
+        resize_mode=config.vision.resize_mode,
+    )
+    return Processor(tokenizer, image_processor, template, config.image_token, tokens_per_image, config.max_images)

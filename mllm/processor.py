@@ -1,0 +1,218 @@
+"""Processor: messages + images -> tensors. Strings and templates live here and only here.
+
+A message is `{"role": "system"|"user"|"assistant", "content": str | list[part]}` with parts
+`{"type": "text", "text": ...}` and `{"type": "image", "image": path | bytes | PIL.Image}`.
+String content may carry `<image>` placeholders instead (LLaVA data); their images are then
+passed separately, in order. Each placeholder becomes `tokens_per_image` image-token ids.
+Labels keep the assistant spans only (the reply and the template's end-of-turn text, so the
+model learns to stop); everything else is IGNORE_INDEX.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mllm.image_processing import ImageProcessor
+from mllm.templates import end_of_turn_text, render
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # (L,) long, image slots hold image_token_id
+    labels: torch.Tensor  # (L,) long, IGNORE_INDEX outside assistant spans
+    images: list = field(default_factory=list)  # image sources, in placeholder order
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        template: str,
+        image_token: str,
+        tokens_per_image: int,
+        max_images: int = 8,
+        max_length: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.image_token = image_token
+        self.tokens_per_image = tokens_per_image
+        self.max_images = max_images
+        self.max_length = max_length or getattr(tokenizer, "model_max_length", None)
+        if self.max_length is not None and self.max_length > 1_000_000:  # tokenizers' "unset" sentinel
+            self.max_length = None
+        # The placeholder must be one token so expansion is a plain id substitution. Its id may lie
+        # past the LLM's vocabulary: the model overwrites those embeddings before the LLM sees them.
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.stop_token_ids = self._stop_token_ids()
+
+    # ---- messages -> text -------------------------------------------------------------------
+    def _flatten(self, messages: list[dict], images: list | None) -> tuple[list[dict], list]:
+        """String-content messages for the template, plus the image sources in placeholder order."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        flat, inline = [], []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
+            if message["role"] not in ROLES:
+                raise ValueError(f"message {i} has role {message['role']!r}; allowed: {', '.join(ROLES)}")
+            content = message["content"]
+            if isinstance(content, list):
+                pieces = []
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        pieces.append(part["text"])
+                    elif kind == "image":
+                        pieces.append(self.image_token + "\n")
+                        if part.get("image") is not None:
+                            inline.append(part["image"])
+                    else:
+                        raise ValueError(f"message {i} has a content part of unknown type {kind!r}; use text or image")
+                content = "".join(pieces).rstrip("\n") if pieces else ""
+            elif not isinstance(content, str):
+                raise ValueError(f"message {i} content must be a string or a list of parts")
+            flat.append({"role": message["role"], "content": content})
+        if inline and images:
+            raise ValueError("give images either inline in the messages or through `images`, not both")
+        sources = inline or list(images or [])
+        placeholders = sum(m["content"].count(self.image_token) for m in flat)
+        if placeholders != len(sources):
+            raise ValueError(
+                f"the conversation has {placeholders} {self.image_token} placeholder(s) but {len(sources)} image(s); "
+                f"each image needs exactly one {self.image_token} (or image part) in the text"
+            )
+        if len(sources) > self.max_images:
+            raise ValueError(
+                f"the conversation has {len(sources)} images; this model takes at most {self.max_images} "
+                "(start a new conversation, or raise max_images in mllm_config.json)"
+            )
+        return flat, sources
+
+    def _supervised_spans(self, flat: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of `text` written by the assistant, found by rendering prefixes."""
+        spans = []
+        for i, message in enumerate(flat):
+            if message["role"] != "assistant":
+                continue
+            before = render(self.tokenizer, self.template, flat[:i], add_generation_prompt=True)
+            upto = render(self.tokenizer, self.template, flat[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise ValueError(
+                    "the chat template is not prefix-stable (rendering a conversation changes its earlier "
+                    "turns), so assistant spans can't be located; use a named template such as 'chatml'"
+                )
+            spans.append((len(before), len(upto)))
+        return spans
+
+    def encode(
+        self,
+        messages: list[dict],
+        images: list | None = None,
+        add_generation_prompt: bool = False,
+        truncate: bool = False,
+    ) -> Encoded:
+        """Tokenize one conversation; image placeholders expanded, labels on assistant spans.
+
+        Over `max_length`: raise (serving) or cut at the end (`truncate`, training), never inside an image.
+        """
+        flat, sources = self._flatten(messages, images)
+        text = render(self.tokenizer, self.template, flat, add_generation_prompt)
+        spans = self._supervised_spans(flat, text)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = [], []
+        span_i = 0
+        for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            while span_i < len(spans) and start >= spans[span_i][1]:
+                span_i += 1
+            supervised = span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]
+            if token_id == self.image_token_id:
+                ids.extend([token_id] * self.tokens_per_image)
+                labels.extend([IGNORE_INDEX] * self.tokens_per_image)
+            else:
+                ids.append(token_id)
+                labels.append(token_id if supervised else IGNORE_INDEX)
+        if self.max_length is not None and len(ids) > self.max_length:
+            if not truncate:
+                raise ValueError(
+                    f"the conversation is {len(ids)} tokens, over this model's limit of {self.max_length}; "
+                    "start a new conversation (reset) or shorten the messages"
+                )
+            ids, labels, sources = self._truncate(ids, labels, sources)
+        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), sources)
+
+    def _truncate(self, ids: list[int], labels: list[int], sources: list) -> tuple[list, list, list]:
+        cut = self.max_length
+        # Back off to the start of an image span that the cut would split, and drop that image.
+        while cut > 0 and ids[cut - 1] == self.image_token_id and ids[cut] == self.image_token_id:
+            cut -= 1
+        kept_images = sum(1 for t in ids[:cut] if t == self.image_token_id) // self.tokens_per_image
+        return ids[:cut], labels[:cut], sources[:kept_images]
+
+    # ---- batches ------------------------------------------------------------------------------
+    def pixel_values(self, sources: list) -> torch.Tensor:  # (n_img, 3, S, S)
+        return self.image_processor(sources)
+
+    def collate(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad a batch; pixel_values concatenated in row-major placeholder order."""
+        longest = max(len(e.input_ids) for e in encoded)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e.input_ids)
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e.input_ids, e.labels, 1
+        sources = [s for e in encoded for s in e.images]
+        return {
+            "input_ids": input_ids,  # (B, L)
+            "attention_mask": attention_mask,  # (B, L)
+            "labels": labels,  # (B, L)
+            "pixel_values": self.pixel_values(sources),  # (n_img, 3, S, S)
+        }
+
+    def __call__(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> dict:
+        return self.collate([self.encode(c, add_generation_prompt=add_generation_prompt) for c in conversations])
+
+    # ---- text out -----------------------------------------------------------------------------
+    def _stop_token_ids(self) -> list[int]:
+        """EOS plus the first token the template writes after a reply (e.g. <|im_end|>)."""
+        stops = set()
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        end_ids = self.tokenizer(end_of_turn_text(self.tokenizer, self.template), add_special_tokens=False)["input_ids"]
+        if end_ids and end_ids[0] in self.tokenizer.all_special_ids:
+            stops.add(end_ids[0])
+        return sorted(stops)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.image_token_id], skip_special_tokens=True)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / "template.jinja").write_text(self.template)
+        settings = {
+            "image_size": self.image_processor.image_size,
+            "image_mean": list(self.image_processor.image_mean),
+            "image_std": list(self.image_processor.image_std),
+            "resize_mode": self.image_processor.resize_mode,
+        }
+        (directory / "image_processor.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -1,0 +1,103 @@
+"""ChatSession: a multi-turn conversation that keeps the KV cache between turns.
+
+Each turn renders the whole conversation, finds the longest prefix whose keys/values are
+already cached, crops the cache there and prefills only the rest. Re-rendering (instead of
+appending text) keeps the template the single source of truth; the prefix match makes the
+follow-up cost proportional to the new tokens, not to the history.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    def __init__(self, model, system: str | None = None, gen: GenerationConfig | None = None):
+        self.model = model
+        self.system = system
+        self.gen = gen or GenerationConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation, its images and the cache."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list = []  # sources, in placeholder order
+        self._features: list[torch.Tensor] = []  # per image: (N_img, D_llm), computed once
+        self._cache = DynamicCache(config=self.model.llm.config)
+        self._cached_ids: list[int] = []  # exactly the ids whose keys/values are in the cache
+        self.last_prefill_tokens = 0  # how many tokens the last turn had to prefill (for benchmarks)
+
+    def send(
+        self,
+        text: str,
+        images: list | None = None,
+        gen: GenerationConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Add a user turn (text + optional images, placed before the text) and stream the reply."""
+        images = list(images or [])
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        # Validate everything before the conversation changes, so a bad turn leaves no trace.
+        candidate = self.messages + [{"role": "user", "content": content}]
+        encoded = self.model.processor.encode(candidate, self.images + images, add_generation_prompt=True)
+        new_features = self._encode_images(images)
+        self.messages, self.images = candidate, self.images + images
+        self._features.extend(new_features)
+        return self._reply(encoded.input_ids.tolist(), gen or self.gen, cancel)
+
+    def _encode_images(self, images: list) -> list[torch.Tensor]:
+        if not images:
+            return []
+        processor = self.model.processor
+        with torch.inference_mode():
+            feats = self.model.get_image_features(processor.pixel_values(images))  # (n, N_img, D_llm)
+        return list(feats)
+
+    def _reply(self, ids: list[int], gen: GenerationConfig, cancel: threading.Event | None) -> Iterator[str]:
+        image_id = self.model.image_token_id
+        keep = _common_prefix(self._cached_ids, ids)
+        keep = min(keep, len(ids) - 1)  # at least one token must be prefilled to get logits
+        # Never split an image's span: its keys depend on the whole image's features.
+        while 0 < keep < len(ids) and ids[keep] == image_id and ids[keep - 1] == image_id:
+            keep -= 1
+        surplus = self._cache.get_seq_length() - keep
+        if surplus > 0:
+            self._cache.crop(-surplus)  # transformers' crop takes the number of tokens to drop, negated
+        self._cached_ids = ids[:keep]
+        first_image = sum(1 for t in ids[:keep] if t == image_id) // self.model.tokens_per_image
+        pending = self._features[first_image:]
+        features = torch.stack(pending) if pending else None
+        self.last_prefill_tokens = len(ids) - keep
+        new_ids = torch.tensor(ids[keep:], dtype=torch.long)
+        text = TextStream(self.model.processor)
+        generated: list[int] = []
+        try:
+            for token in stream_ids(self.model, new_ids, self._cache, self._cached_ids, gen, features, cancel):
+                generated.append(token)
+                piece = text.push(token)
+                if piece:
+                    yield piece
+        except Cancelled:
+            pass
+        finally:
+            # Whatever happened (done, cancelled, caller stopped reading), the cache length says
+            # exactly which of prompt + generated tokens have keys/values.
+            self._cached_ids = (ids + generated)[: self._cache.get_seq_length()]
+            self.messages.append({"role": "assistant", "content": self.model.processor.decode(generated)})
+
+    def ask(self, text: str, images: list | None = None, **kwargs) -> str:
+        return "".join(self.send(text, images, **kwargs))

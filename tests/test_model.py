@@ -1,0 +1,166 @@
+"""Behaviour of the MLLM on tiny random checkpoints: merge checks, KV cache, sessions, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from mllm.config import LoraConfig, MLLMConfig
+from mllm.generation import GenerationConfig, stream_ids
+from mllm.image_processing import ImageError
+from mllm.model import MLLM
+from mllm.processor import IGNORE_INDEX
+from mllm.session import ChatSession
+
+
+def _ask(text: str, n_images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+def test_image_count_mismatch_raises_in_processor(tiny_model, images):
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        tiny_model.processor.encode(_ask("what color", n_images=2), images[:1])
+    with pytest.raises(ValueError, match="0 <image> placeholder"):
+        tiny_model.processor.encode([{"role": "user", "content": "no image here"}], images[:1])
+
+
+def test_image_count_mismatch_raises_in_model(tiny_model, images):
+    enc = tiny_model.processor.encode(_ask("what color", n_images=2), images)
+    one_image = tiny_model.processor.pixel_values(images[:1])
+    with pytest.raises(ValueError, match="image token slots"):
+        tiny_model(enc.input_ids[None], pixel_values=one_image)
+
+
+def test_placeholders_expand_to_tokens_per_image(tiny_model, images):
+    enc = tiny_model.processor.encode(_ask("describe", n_images=2), images, add_generation_prompt=True)
+    n_slots = int((enc.input_ids == tiny_model.image_token_id).sum())
+    assert n_slots == 2 * tiny_model.tokens_per_image == 2 * 16  # 32 px / 8 px patches, CLS dropped
+
+
+def test_labels_cover_assistant_spans_only(tiny_model, images):
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "how many objects"},
+        {"role": "assistant", "content": "three objects"},
+    ]
+    enc = tiny_model.processor.encode(conversation, images[:1])
+    supervised = enc.labels[enc.labels != IGNORE_INDEX].tolist()
+    text = tiny_model.processor.tokenizer.decode(supervised)
+    assert text == "red<|im_end|>\nthree objects<|im_end|>\n"
+    assert (enc.labels[enc.input_ids == tiny_model.image_token_id] == IGNORE_INDEX).all()
+
+
+def test_forward_returns_logits_and_loss(tiny_model, images):
+    conversation = _ask("what color") + [{"role": "assistant", "content": "red"}]
+    batch = tiny_model.processor.collate([tiny_model.processor.encode(conversation, images[:1])] * 2)
+    logits, loss = tiny_model(**batch)
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert tiny_model.connector.proj[0].weight.grad is not None
+
+
+def test_all_masked_labels_raise(tiny_model, images):
+    enc = tiny_model.processor.encode(_ask("what color"), images[:1])
+    with pytest.raises(ValueError, match="every label"):
+        tiny_model(**tiny_model.processor.collate([enc]))
+
+
+def _greedy_without_cache(model, ids: torch.Tensor, features, n: int) -> list[int]:
+    out = []
+    ids = ids[None]
+    with torch.no_grad():
+        for _ in range(n):
+            embeds = model.embed(ids, image_features=features)
+            logits = model.llm(inputs_embeds=embeds, use_cache=False).logits
+            token = int(logits[0, -1].argmax())
+            if token in model.processor.stop_token_ids:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_greedy_tokens_equal_with_and_without_kv_cache(tiny_model, images):
+    enc = tiny_model.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)
+    with torch.no_grad():
+        features = tiny_model.get_image_features(tiny_model.processor.pixel_values(enc.images))
+    gen = GenerationConfig(max_new_tokens=12)
+    cached = list(stream_ids(tiny_model, enc.input_ids, DynamicCache(), [], gen, features))
+    assert cached == _greedy_without_cache(tiny_model, enc.input_ids, features, 12)
+    assert len(cached) > 0
+
+
+def test_session_follow_up_equals_full_reprefill(tiny_model, images):
+    gen = GenerationConfig(max_new_tokens=8)
+    session = ChatSession(tiny_model, gen=gen)
+    first = session.ask("what color is the circle", images[:1])
+    second = session.ask("and the square", images[1:])
+    full_prompt_tokens = len(
+        tiny_model.processor.encode(session.messages[:-1], session.images, add_generation_prompt=True).input_ids
+    )
+    # The follow-up prefilled only its new tokens, not the history.
+    assert session.last_prefill_tokens < full_prompt_tokens - tiny_model.tokens_per_image
+    fresh = tiny_model.generate(session.messages[:-1], session.images, gen=gen)
+    assert second == fresh
+    assert session.messages[1] == {"role": "assistant", "content": first}
+
+
+def test_session_bad_turn_leaves_no_trace(tiny_model, images):
+    session = ChatSession(tiny_model, gen=GenerationConfig(max_new_tokens=3))
+    session.ask("hello")
+    before = list(session.messages)
+    with pytest.raises(ImageError, match="cat.png: file not found"):
+        session.ask("look", ["/nonexistent/cat.png"])
+    assert session.messages == before and session.images == []
+
+
+def test_session_over_long_conversation_raises_with_limit(tiny_model):
+    tiny_model.processor.max_length = 64
+    session = ChatSession(tiny_model, gen=GenerationConfig(max_new_tokens=3))
+    with pytest.raises(ValueError, match="limit of 64.*reset"):
+        session.ask("hello " * 100)
+
+
+def test_sampling_is_reproducible_with_seed(tiny_model, images):
+    gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=7)
+    a = tiny_model.generate(_ask("hi"), images[:1], gen=gen)
+    b = tiny_model.generate(_ask("hi"), images[:1], gen=gen)
+    assert a == b
+
+
+@pytest.mark.parametrize("tune_llm", ["lora", "full"])
+def test_save_load_gives_identical_logits(tiny_config, images, tmp_path, tune_llm):
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    config: MLLMConfig = tiny_config.replace(
+        llm=tiny_config.llm.__class__(path=tiny_config.llm.path, lora=lora if tune_llm == "lora" else None),
+        tune={"vision": "full", "connector": "full", "llm": tune_llm},
+    )
+    torch.manual_seed(0)
+    model = MLLM.build(config, device="cpu")
+    with torch.no_grad():  # make every trained part differ from its base so a missing file would show
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    conversation = _ask("what color") + [{"role": "assistant", "content": "red"}]
+    batch = model.processor.collate([model.processor.encode(conversation, images[:1])])
+    with torch.no_grad():
+        expected, _ = model(**batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / ("adapter" if tune_llm == "lora" else "llm")).is_dir()
+    assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
+    loaded = MLLM.from_pretrained(tmp_path / "ckpt", device="cpu")
+    with torch.no_grad():
+        got, _ = loaded(**batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MLLM.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not an mllm checkpoint"):
+        MLLM.from_pretrained(tmp_path)

@@ -1,0 +1,1 @@
+"""Training: data, the synthetic shapes world, validation, stages and the training loop."""
