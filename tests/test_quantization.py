@@ -1,0 +1,46 @@
+"""4-bit and 8-bit loading through bitsandbytes on CPU; the tower and connector stay unquantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mllm.config import LLMConfig
+from mllm.generation import GenerationConfig
+from mllm.model import MLLM
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("quantization, layer_type", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_llm_loads_and_generates_on_cpu(tiny_config, images, quantization, layer_type):
+    config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization=quantization))
+    torch.manual_seed(0)
+    model = MLLM.build(config, device="cpu").eval()
+    q_proj = model.llm.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer_type
+    assert all(type(m).__name__ not in ("Linear4bit", "Linear8bitLt") for m in model.connector.modules())
+    assert all(p.dtype == torch.float32 for p in model.vision.parameters())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}]
+    reply_ids = []
+    for piece in model.stream(messages, images[:1], gen=GenerationConfig(max_new_tokens=5)):
+        reply_ids.append(piece)
+    batch = model.processor.collate(
+        [model.processor.encode(messages + [{"role": "assistant", "content": "red"}], images[:1])]
+    )
+    with torch.no_grad():
+        logits, loss = model(**batch)
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
+
+
+def test_quantized_logits_stay_close_to_full_precision(tiny_config, images):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}]
+    results = {}
+    for quantization in ("none", "8bit"):
+        config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization=quantization))
+        torch.manual_seed(0)
+        model = MLLM.build(config, device="cpu").eval()
+        batch = model.processor.collate([model.processor.encode(messages, images[:1], add_generation_prompt=True)])
+        with torch.no_grad():
+            results[quantization] = model(batch["input_ids"], pixel_values=batch["pixel_values"])[0].softmax(-1)
+    assert (results["none"] - results["8bit"]).abs().max() < 0.05
