@@ -130,8 +130,31 @@ def _interactive(session, pending: list) -> int:
         pending = []
 
 
+def cmd_data(argv: list[str]) -> int:
+    """`mllm data validate ...` / `mllm data synth ...` (the training package's entry points)."""
+    subcommands = {"validate": "training.validate", "synth": "training.synth"}
+    if not argv or argv[0] not in subcommands:
+        raise UsageError(f"mllm data: choose a subcommand: {', '.join(subcommands)}")
+    return _run_module(subcommands[argv[0]], argv[1:])
+
+
+def cmd_train(argv: list[str]) -> int:
+    return _run_module("training.train", argv)
+
+
+def _run_module(module: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        return int(importlib.import_module(module).main(argv) or 0)
+    except SystemExit as e:  # argparse inside those modules exits; keep its status
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "chat": cmd_chat,
+    "data": cmd_data,
+    "train": cmd_train,
 }
 
 
@@ -140,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mllm {" + ",".join(COMMANDS) + "} [options]   (mllm COMMAND --help for details)")
         return 0 if argv else EXIT_USAGE
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise in a terminal chat
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"mllm: unknown command {argv[0]!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -33,6 +33,8 @@ class GenerationConfig:
     """>1 discourages repeating earlier tokens (CTRL-style, as in transformers)."""
     seed: int | None = None
     """Seed for sampling, for reproducible answers."""
+    ignore_eos: bool = False
+    """Keep going past end-of-turn tokens (benchmarks that need a fixed token count)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -76,7 +78,7 @@ def stream_ids(
     tokens but the last.
     """
     llm, processor = model.llm, model.processor
-    stops = set(processor.stop_token_ids)
+    stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
     procs = gen.processors()
     generator = None
     if gen.temperature > 0 and gen.seed is not None:

@@ -33,7 +33,7 @@ _KINDS = (
     ("no human/gpt turns", "turn order"),
     ("must alternate", "turn order"),
     ("last turn is from human", "ends with human turn"),
-    ("is empty", "empty answer"),
+    ("(gpt turn) is empty", "empty answer"),
     ("'image' must be", "bad image field"),
     ("escapes the image folder", "image outside folder"),
     ("not found under", "missing image"),
@@ -160,11 +160,12 @@ class _RowChecker:
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             problems.append(("'image' must be a file name or a list of file names", "bad image field"))
-            images = None
         else:
-            problems += [(reason, kind) for reason, kind in self._image_problems(name, images)]
-            placeholders = _count_placeholders(record.get("conversations"))
-            if placeholders != len(images):
+            problems += self._image_problems(name, images)
+            turns = record.get("conversations")
+            placeholders = _count_placeholders(turns)
+            # Without a conversation there is nothing to count placeholders in (already reported above).
+            if isinstance(turns, list) and turns and placeholders != len(images):
                 problems.append(
                     (f"{placeholders} {PLACEHOLDER} placeholder(s) but {len(images)} image(s)", "placeholder count")
                 )
@@ -172,7 +173,7 @@ class _RowChecker:
                 problems += self._token_problems(messages, images)
         return [(name, reason, kind or _kind(reason)) for reason, kind in problems]
 
-    def _image_problems(self, name: str, images: list[str]) -> list[tuple[str, str]]:
+    def _image_problems(self, name: str, images: list[str]) -> list[tuple[str, str | None]]:
         problems = []
         for image in images:
             try:
@@ -205,7 +206,9 @@ class _RowChecker:
         self.report.shares.append(share)
         if encoded.num_supervised == 0:
             if limit is not None and length > limit:
-                return [(f"all answer tokens truncated (row is {length} tokens, max length {limit})", "all truncated")]
+                return [
+                    (f"all answer tokens truncated (row is {length} tokens, max length {limit})", "answer truncated")
+                ]
             return [("no supervised (answer) tokens after rendering the template", "no supervised tokens")]
         if share < self.min_share:
             return [(f"supervised share {share:.3f} is below the minimum {self.min_share}", "low supervised share")]
