@@ -110,22 +110,41 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        supervised_logits_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits (B, L, V), loss or None); loss is mean next-token CE over supervised tokens."""
+        """Returns (logits, loss or None); loss is mean next-token CE over supervised tokens.
+
+        Logits are (B, L, V), or with `supervised_logits_only` (training) just the (n_supervised, V)
+        rows the loss needs: the vocabulary projection of every other position is skipped.
+        """
         input_ids = input_ids.to(self.device)
         embeds = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        loss = None
+        targets = keep = None
         if labels is not None:
-            targets = labels[:, 1:].to(self.device)  # (B, L-1): token t predicts t+1
+            targets = labels.to(self.device)[:, 1:]  # (B, L-1): position t predicts token t+1
             if not (targets != IGNORE_INDEX).any():
                 raise ValueError(
                     "every label in this batch is masked (-100): no assistant tokens to learn from; "
                     "check the data (empty answers, or truncation cut them off)"
                 )
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            if supervised_logits_only:
+                keep = F.pad(targets != IGNORE_INDEX, (0, 1))  # (B, L) bool, positions whose next token is a label
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=0 if keep is None else keep,
+        )
+        logits, loss = out.logits, None
+        if targets is not None:
+            if keep is not None:
+                loss = F.cross_entropy(logits.float(), targets[keep[:, :-1]])
+            else:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+                )
         return logits, loss
 
     # ---- generation (see mllm.generation) ----------------------------------------------------

@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     hf_logging.disable_progress_bar()
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     model = load_model(args.model, device="cpu")
     image = Image.fromarray(data.chelsea())

@@ -164,3 +164,14 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         MLLM.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="not an mllm checkpoint"):
         MLLM.from_pretrained(tmp_path)
+
+
+def test_supervised_logits_only_gives_the_same_loss(tiny_model, images):
+    conversation = _ask("what color") + [{"role": "assistant", "content": "red"}]
+    batch = tiny_model.processor.collate([tiny_model.processor.encode(conversation, images[:1])] * 2)
+    with torch.no_grad():
+        full_logits, full = tiny_model(**batch)
+        rows, fast = tiny_model(**batch, supervised_logits_only=True)
+    n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows.shape == (n_supervised, full_logits.shape[-1])
+    torch.testing.assert_close(fast, full)
