@@ -142,6 +142,10 @@ def cmd_train(argv: list[str]) -> int:
     return _run_module("training.train", argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    return _run_module("training.evaluate", argv)
+
+
 def _run_module(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -155,6 +159,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "chat": cmd_chat,
     "data": cmd_data,
     "train": cmd_train,
+    "eval": cmd_eval,
 }
 
 

@@ -196,11 +196,15 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One sentence naming every object (size, colour, shape, position) in reading order."""
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """One sentence naming every object (size, colour, shape, position) in reading order.
+
+    With `rng`, one of three phrasings (variety for alignment captions); without, the canonical
+    one that `describe` answers use, so an exact-match score of descriptions is meaningful.
+    """
     body = _join([f"a {o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects])
     n = len(scene.objects)
-    style = rng.randrange(3)
+    style = rng.randrange(3) if rng is not None else 1
     if style == 0:
         return f"{body[0].upper()}{body[1:]}."
     if style == 1:
@@ -228,17 +232,18 @@ _TEMPLATES = {
         "In which part of the image is the {color} {shape}?",
     ),
     "exists": (
-        "Is there a {color} {shape}?",
-        "Is there a {color} {shape} in the image?",
-        "Can you see a {color} {shape}?",
-        "Does the image contain a {color} {shape}?",
+        "Is there {a} {color} {shape}?",
+        "Is there {a} {color} {shape} in the image?",
+        "Can you see {a} {color} {shape}?",
+        "Does the image contain {a} {color} {shape}?",
     ),
     "describe": ("Describe the image.", "What is in this image?", "Give a short description of the image."),
 }
 
 
 def _ask(rng: random.Random, key: str, qtype: str, answer: str, **params: str) -> QA:
-    fmt = dict(params, shapes=PLURALS.get(params.get("shape", ""), ""))
+    article = "an" if params.get("color", "").startswith(("a", "e", "i", "o", "u")) else "a"
+    fmt = dict(params, shapes=PLURALS.get(params.get("shape", ""), ""), a=article)
     return QA(qtype, rng.choice(_TEMPLATES[key]).format(**fmt), answer, params)
 
 
@@ -285,7 +290,7 @@ def _one_question(scene: Scene, rng: random.Random, qtype: str, cap: str) -> QA 
 
 def questions(scene: Scene, rng: random.Random, *, max_turns: int = 4, caption_text: str | None = None) -> list[QA]:
     """1..max_turns distinct questions; `describe` answers with `caption_text` (a fresh caption if None)."""
-    cap = caption_text if caption_text is not None else caption(scene, rng)
+    cap = caption_text if caption_text is not None else caption(scene)
     n_turns = rng.randint(1, max_turns)
     out: list[QA] = []
     for _ in range(8 * n_turns):  # bounded: a 1-object scene may not offer n_turns distinct questions
@@ -341,7 +346,7 @@ def write_dataset(
         rng = random.Random(int(_unit("scene", seed, index) * 2**53))
         scene = make_scene(rng, min_objects=min_objects, max_objects=max_objects)
         cap = caption(scene, rng)
-        qas = questions(scene, rng, caption_text=cap)
+        qas = questions(scene, rng)  # describe answers use the canonical caption
         image_id = f"s{seed}-{index:06d}"
         image = f"{image_id}.png"
         render(scene).save(out / "images" / image, compress_level=1)  # fast; pixels are what must match
