@@ -7,7 +7,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mllm-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install chat test test-fast lint format bench clean
+api: $(STAMP)
+	$(VENV)/bin/mllm api
+
+.PHONY: install chat chat-cli api test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +29,14 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 chat: $(STAMP)
+	$(VENV)/bin/mllm ui
+
+chat-cli: $(STAMP)
 	$(VENV)/bin/mllm chat
 
 test: $(STAMP)
+	@# Debian's chromium for the end-to-end browser test; without it that one test is skipped, with the reason.
+	@bash scripts/install_browser.sh || echo "make test: chromium could not be installed; the browser test will be skipped"
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q

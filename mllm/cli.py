@@ -146,6 +146,14 @@ def cmd_eval(argv: list[str]) -> int:
     return _run_module("training.evaluate", argv)
 
 
+def cmd_ui(argv: list[str]) -> int:
+    return _run_module("app.ui", argv)
+
+
+def cmd_api(argv: list[str]) -> int:
+    return _run_module("app.api", argv)
+
+
 def _run_module(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -160,6 +168,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": cmd_data,
     "train": cmd_train,
     "eval": cmd_eval,
+    "ui": cmd_ui,
+    "api": cmd_api,
 }
 
 

@@ -1,0 +1,512 @@
+"""ChatEngine: the model behind the UI and the API. Conversations, streaming, cancel, a queue; no Gradio.
+
+Concurrency. One set of weights is not safe for simultaneous forward passes (on CPU they would
+also fight over the same cores), so every model call (an image encode, a prefill, one decoded
+token) runs under one FIFO lock that a generation holds for a single step at a time. Up to
+`max_concurrency` generations are admitted and take turns token by token: every admitted reply
+streams, and a long answer does not hold a short one back. Up to `max_queue` more wait in line
+and are told their position; past that a request is refused at once (QueueFull). Each sequence
+is still decoded alone (batch of one, its own KV cache), so an answer never depends on what
+else is running.
+
+Cancel. Every generation owns a threading.Event; `cancel(conv_id)` sets it, the decode loop
+checks it between tokens and stops (the partial reply stays in the conversation, as in any chat
+app); a request still in the queue leaves it without touching the conversation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
+from mllm.image_processing import ImageError, load_image
+from mllm.session import ChatSession
+
+OnQueue = Callable[[int], None]  # called with the 1-based queue position while a request waits
+
+
+class ChatError(ValueError):
+    """A request the user can fix. `code` names the kind; the API turns it into OpenAI's error codes."""
+
+    def __init__(self, message: str, code: str = "invalid_request"):
+        super().__init__(message)
+        self.code = code
+
+
+class QueueFull(ChatError):
+    def __init__(self, message: str):
+        super().__init__(message, "overloaded")
+
+
+@contextmanager
+def _user_errors():
+    """Processor / image errors -> ChatError with a code (the processor's messages already say the limit)."""
+    try:
+        yield
+    except ImageError as e:
+        raise ChatError(str(e), "invalid_image") from e
+    except ChatError:
+        raise
+    except ValueError as e:
+        # The processor raises plain ValueErrors; their wording is the only way to tell them apart.
+        text = str(e)
+        code = "context_length_exceeded" if "over this model's limit" in text else "invalid_request"
+        code = "too_many_images" if "this model takes at most" in text else code
+        raise ChatError(text, code) from e
+
+
+class FairLock:
+    """A ticket lock: taken in arrival order, so generations alternate token by token (threading.Lock is
+    unfair: the thread that just released it usually takes it straight back)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+class Admission:
+    """A semaphore with a bounded FIFO line: `join` admits or queues (or raises QueueFull), `wait` blocks
+    until admitted or cancelled, `leave` frees the place and admits the next in line."""
+
+    def __init__(self, max_running: int, max_waiting: int):
+        if max_running < 1 or max_waiting < 0:
+            raise ValueError(f"need max_concurrency >= 1 and max_queue >= 0, got {max_running}, {max_waiting}")
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self._cond = threading.Condition()
+        self._running: set[object] = set()
+        self._waiting: deque[object] = deque()
+
+    def join(self, ticket: object) -> None:
+        with self._cond:
+            if len(self._running) < self.max_running and not self._waiting:
+                self._running.add(ticket)
+            elif len(self._waiting) >= self.max_waiting:
+                raise QueueFull(
+                    f"the server is busy: {len(self._running)} replies are being generated and "
+                    f"{len(self._waiting)} are waiting (the limit); try again in a moment"
+                )
+            else:
+                self._waiting.append(ticket)
+
+    def wait(self, ticket: object, cancel: threading.Event, on_queue: OnQueue | None = None) -> bool:
+        """True once admitted; False if cancelled while waiting."""
+        shown = None
+        while True:
+            with self._cond:
+                while ticket in self._waiting and not cancel.is_set() and self._waiting.index(ticket) + 1 == shown:
+                    self._cond.wait(0.25)  # woken by leave() / poke(); the timeout is a safety net
+                if ticket in self._running:
+                    return True
+                if cancel.is_set() or ticket not in self._waiting:
+                    return False
+                shown = self._waiting.index(ticket) + 1
+            if on_queue is not None:
+                on_queue(shown)  # outside the lock: a UI callback may be slow
+
+    def leave(self, ticket: object) -> None:
+        with self._cond:
+            self._running.discard(ticket)
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            while self._waiting and len(self._running) < self.max_running:
+                self._running.add(self._waiting.popleft())
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._running), len(self._waiting)
+
+
+class Stream(Iterator[str]):
+    """One generation: iterate for text pieces. Ending, erroring or `close()` frees its place in the queue.
+
+    Afterwards `finish_reason` says how it ended: "stop", "length" (`complete` only: session turns
+    can't tell it from "stop") or "cancelled"; `complete` also counts `completion_tokens`.
+    """
+
+    def __init__(self, engine: ChatEngine, start: Callable, cancel=None, on_queue=None, on_close=None):
+        self._closed = True  # until admitted: __del__ of a refused stream must not leave() the queue
+        self._engine, self._start, self._on_queue, self._on_close = engine, start, on_queue, on_close
+        self.cancel = cancel or threading.Event()
+        self._pieces: Iterator[str] | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        engine._admission.join(self)  # a full queue refuses now, before any reply has started
+        self._closed = False
+
+    def __next__(self) -> str:
+        if self._closed:
+            raise StopIteration
+        try:
+            if self._pieces is None:
+                if not self._engine._admission.wait(self, self.cancel, self._on_queue):
+                    self.finish_reason = "cancelled"
+                    raise StopIteration
+                with self._engine._model_lock, _user_errors():
+                    self._pieces = self._start(self)
+            with self._engine._model_lock:
+                return next(self._pieces)
+        except BaseException as e:  # done, cancelled or failed: this generation is over either way
+            if isinstance(e, StopIteration) and self.finish_reason is None:
+                self.finish_reason = "cancelled" if self.cancel.is_set() else "stop"
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._pieces is not None:
+                self._pieces.close()
+        finally:
+            self._engine._admission.leave(self)
+            if self._on_close is not None:
+                self._on_close(self)
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str
+    """What the user typed."""
+    images: list
+    """The images of this turn as the caller gave them (paths for the UI)."""
+    reply: str | None
+    """The assistant's answer; None while it is being generated."""
+
+
+@dataclass
+class _Conversation:
+    session: ChatSession
+    sources: list = field(default_factory=list)  # caller's image sources, aligned with session.images
+    active: object = None  # the running Stream, _RESERVED while a request is being set up, or None
+
+
+_RESERVED = object()
+
+
+def _image_count(message: dict) -> int:
+    content = message["content"]
+    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
+
+
+def _text_of(message: dict) -> str:
+    content = message["content"]
+    return "".join(p["text"] for p in content if p.get("type") == "text") if isinstance(content, list) else content
+
+
+def _last_user(session: ChatSession) -> int:
+    for i in range(len(session.messages) - 1, -1, -1):
+        if session.messages[i]["role"] == "user":
+            return i
+    raise ChatError("there is no message in this conversation yet", "invalid_request")
+
+
+def _rollback(conv: _Conversation, n_messages: int) -> None:
+    """Keep the first `n_messages` messages and their images; the KV cache is cropped on the next turn."""
+    session = conv.session
+    keep = len(session.images) - sum(_image_count(m) for m in session.messages[n_messages:])
+    session.messages = session.messages[:n_messages]
+    session.images, conv.sources = session.images[:keep], conv.sources[:keep]
+    # ChatSession has no public rollback yet; its per-image features must stay aligned with its images.
+    session._features = session._features[:keep]
+
+
+class ChatEngine:
+    def __init__(
+        self,
+        model,
+        name: str = "mllm",
+        max_concurrency: int = 4,
+        max_queue: int = 32,
+        max_conversations: int = 64,
+        gen: GenerationConfig | None = None,
+    ):
+        self.model, self.name, self.gen = model, name, gen or GenerationConfig()
+        self.max_conversations, self.max_concurrency, self.max_queue = max_conversations, max_concurrency, max_queue
+        self._admission = Admission(max_concurrency, max_queue)
+        self._model_lock = FairLock()
+        self._lock = threading.RLock()  # guards the conversation table; never held around a model call
+        self._idle = threading.Condition(self._lock)
+        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+
+    @classmethod
+    def load(cls, name: str = "default", device: str | None = None, quantization: str | None = None, **kwargs):
+        from mllm.checkpoint import load_model
+
+        return cls(load_model(name, device=device, quantization=quantization), name=name, **kwargs)
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name in API requests: 'default' or the checkpoint folder's name."""
+        return Path(self.name).name or self.name
+
+    # ---- conversations --------------------------------------------------------------------------
+    def new_conversation(self, system: str | None = None) -> str:
+        conv_id = uuid.uuid4().hex
+        with self._lock:
+            self._conversations[conv_id] = _Conversation(ChatSession(self.model, system=system, gen=self.gen))
+            self._evict()
+        return conv_id
+
+    def _conversation(self, conv_id: str) -> _Conversation:
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is None:
+                conv = self._conversations[conv_id] = _Conversation(ChatSession(self.model, gen=self.gen))
+                self._evict()
+            self._conversations.move_to_end(conv_id)
+            return conv
+
+    def _evict(self) -> None:
+        # Each idle conversation keeps its KV cache; forget the least recently used ones past the limit.
+        idle = [k for k, c in self._conversations.items() if c.active is None]
+        for conv_id in idle[: max(0, len(self._conversations) - self.max_conversations)]:
+            del self._conversations[conv_id]
+
+    @contextmanager
+    def _reserved(self, conv_id: str, wait_s: float = 5.0):
+        """Exclusive use of a conversation while a request changes it; a stopping reply is waited for."""
+        with self._lock:
+            conv = self._conversation(conv_id)
+            deadline = time.monotonic() + wait_s
+            while isinstance(conv.active, Stream) and conv.active.cancel.is_set() and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+            if conv.active is not None:
+                raise ChatError("a reply is still being generated in this conversation; press Stop first", "busy")
+            conv.active = _RESERVED
+        try:
+            yield conv
+        finally:
+            with self._lock:
+                if conv.active is _RESERVED:
+                    conv.active = None
+
+    def _release(self, conv: _Conversation, stream: Stream) -> None:
+        with self._lock:
+            if conv.active is stream:
+                conv.active = None
+            self._idle.notify_all()
+
+    def cancel(self, conv_id: str) -> bool:
+        """Stop the conversation's reply (between two tokens) or take it out of the queue."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            stream = conv.active if conv is not None else None
+        if not isinstance(stream, Stream):
+            return False
+        stream.cancel.set()
+        self._admission.poke()
+        return True
+
+    def clear(self, conv_id: str) -> None:
+        """Forget the conversation; a reply still streaming is cancelled and writes into the old one."""
+        self.cancel(conv_id)
+        with self._lock:
+            self._conversations.pop(conv_id, None)
+
+    def history(self, conv_id: str) -> list[Turn]:
+        return [Turn(text, sources, reply) for text, _, sources, reply in self._exchanges(self._conversation(conv_id))]
+
+    def _exchanges(self, conv: _Conversation) -> list[tuple[str, list, list, str | None]]:
+        """(user text, PIL images, caller's sources, reply) per exchange."""
+        out, n = [], 0
+        for message in conv.session.messages:
+            if message["role"] == "user":
+                k = _image_count(message)
+                out.append((_text_of(message), conv.session.images[n : n + k], conv.sources[n : n + k], None))
+                n += k
+            elif message["role"] == "assistant" and out:
+                out[-1] = (*out[-1][:3], message["content"])
+        return out
+
+    # ---- turns ----------------------------------------------------------------------------------
+    def stream(self, conv_id: str, text: str, images: list | None = None, gen=None, on_queue=None) -> Stream:
+        """Ask in a conversation: `images` (paths, bytes, PIL) go before the text. Iterate the result."""
+        if not text.strip() and not images:
+            raise ChatError("type a message or attach an image first")
+        pictures = []
+        for i, source in enumerate(images or []):
+            with _user_errors():
+                name = source if isinstance(source, str) else f"image {i + 1}"
+                pictures.append((load_image(source, name=name, max_pixels=self._max_pixels), source))
+        return self._turn(conv_id, text, pictures, gen, on_queue, replace_last=False)
+
+    def regenerate(self, conv_id: str, gen=None, on_queue=None) -> Stream:
+        """Drop the last reply and ask the same message again."""
+        return self.edit_last(conv_id, None, gen, on_queue)
+
+    def edit_last(self, conv_id: str, text: str | None, gen=None, on_queue=None) -> Stream:
+        """Replace the last user message's text (same images) and answer it afresh."""
+        conv = self._conversation(conv_id)
+        last = conv.session.messages[_last_user(conv.session)]
+        k = _image_count(last)
+        pictures = list(zip(conv.session.images[-k:], conv.sources[-k:])) if k else []
+        return self._turn(conv_id, _text_of(last) if text is None else text, pictures, gen, on_queue, True)
+
+    def undo(self, conv_id: str) -> tuple[str, list]:
+        """Drop the last exchange; returns its text and image sources so a UI can refill its input box."""
+        with self._reserved(conv_id) as conv:
+            cut = _last_user(conv.session)
+            k = _image_count(conv.session.messages[cut])
+            text, sources = _text_of(conv.session.messages[cut]), conv.sources[len(conv.sources) - k :]
+            _rollback(conv, cut)
+            return text, sources
+
+    def _turn(self, conv_id, text, pictures, gen, on_queue, replace_last: bool) -> Stream:
+        with self._reserved(conv_id) as conv:
+            session = conv.session
+            cut = _last_user(session) if replace_last else len(session.messages)
+            kept = len(session.images) - sum(_image_count(m) for m in session.messages[cut:])
+            images = [image for image, _ in pictures]
+            if kept + len(images) > self.model.processor.max_images:
+                raise ChatError(
+                    f"this conversation would have {kept + len(images)} images; this model takes at most "
+                    f"{self.model.processor.max_images} per conversation. Start a new conversation (Clear) for more",
+                    "too_many_images",
+                )
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            candidate = session.messages[:cut] + [{"role": "user", "content": content}]
+            # Check now, so a bad request fails at once instead of after its wait in the queue.
+            with self._model_lock, _user_errors():
+                self.model.processor.encode(candidate, session.images[:kept] + images, add_generation_prompt=True)
+
+            def start(stream: Stream) -> Iterator[str]:
+                # Runs once admitted: a request cancelled while queued has changed nothing.
+                if replace_last:
+                    _rollback(conv, cut)
+                pieces = session.send(text, images, gen or self.gen, stream.cancel)
+                conv.sources.extend(source for _, source in pictures)
+                return pieces
+
+            stream = Stream(self, start, on_queue=on_queue, on_close=lambda s: self._release(conv, s))
+            conv.active = stream
+            return stream
+
+    # ---- stateless completion (the API) ---------------------------------------------------------
+    def complete(self, messages: list[dict], gen=None, cancel=None, on_queue=None) -> Stream:
+        """Answer `messages` (mllm's format; image parts carry their `image`) with no stored state."""
+        messages, n = [dict(m) for m in messages], 0
+        for message in messages:
+            if isinstance(message.get("content"), list):
+                parts = []
+                for part in message["content"]:
+                    if isinstance(part, dict) and part.get("type") == "image":
+                        n += 1
+                        with _user_errors():
+                            image = load_image(part.get("image"), name=f"image {n}", max_pixels=self._max_pixels)
+                        part = {"type": "image", "image": image}
+                    parts.append(part)
+                message["content"] = parts
+        with self._model_lock, _user_errors():
+            encoded = self.model.processor.encode(messages, add_generation_prompt=True)
+        gen = gen or self.gen
+        stream = Stream(self, lambda s: self._generate(encoded, gen, s), cancel=cancel, on_queue=on_queue)
+        stream.prompt_tokens = len(encoded.input_ids)
+        return stream
+
+    def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
+        # generation.stream hides the token ids; the API reports token counts and finish_reason.
+        model, processor = self.model, self.model.processor
+        features = None
+        if encoded.images:
+            with torch.inference_mode():
+                features = model.get_image_features(processor.pixel_values(encoded.images))  # (n, N_img, D_llm)
+        cache = DynamicCache(config=model.llm.config)
+        text = TextStream(processor)
+        try:
+            for token in stream_ids(model, encoded.input_ids, cache, [], gen, features, stream.cancel):
+                stream.completion_tokens += 1
+                piece = text.push(token)
+                if piece:
+                    yield piece
+            stream.finish_reason = "length" if stream.completion_tokens >= gen.max_new_tokens else "stop"
+        except Cancelled:
+            stream.finish_reason = "cancelled"
+
+    @property
+    def _max_pixels(self) -> int:
+        return self.model.processor.image_processor.max_pixels
+
+    # ---- export and info ------------------------------------------------------------------------
+    def export_llava(self, conv_id: str, directory: str | Path) -> Path:
+        """Write the conversation as a LLaVA JSON file (a list of one row) with its images as PNG beside it.
+
+        Exchanges without an answer (stopped before the first token) are left out: a training row
+        needs every answer. Returns the JSON file's path (read it with training.data.read_rows).
+        """
+        with self._reserved(conv_id) as conv:
+            exchanges = [e for e in self._exchanges(conv) if e[3] and e[3].strip()]
+            system = [m["content"] for m in conv.session.messages if m["role"] == "system"]
+        if not exchanges:
+            raise ChatError("nothing to export yet: ask something and get an answer first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        row_id = f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        names, turns = [], [{"from": "system", "value": s} for s in system]
+        token = self.model.processor.image_token
+        for text, images, _, reply in exchanges:
+            for image in images:
+                names.append(f"{row_id}-{len(names) + 1}.png")
+                image.save(directory / names[-1])
+            # Same layout as the chat's image parts: one placeholder line per image, then the text.
+            turns.append({"from": "human", "value": f"{token}\n" * len(images) + text})
+            turns.append({"from": "gpt", "value": reply})
+        path = directory / f"{row_id}.json"
+        path.write_text(json.dumps([{"id": row_id, "image": names, "conversations": turns}], indent=2) + "\n")
+        return path
+
+    def info(self) -> dict:
+        """What the model panel and /v1/models show."""
+        model, cfg = self.model, self.model.config
+        tensors = list(itertools.chain(model.parameters(), model.buffers()))
+        running, waiting = self._admission.counts()
+        info = {
+            "model": self.name,
+            "vision": cfg.vision.kind + (f" ({cfg.vision.path})" if cfg.vision.path else ""),
+            "connector": cfg.connector.kind,
+            "llm": cfg.llm.path,
+            "quantization": cfg.llm.quantization,
+            "device": str(model.device),
+            # bitsandbytes packs 4-bit weights two to a byte, so this counts stored elements, not the original shapes.
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "tokens_per_image": model.tokens_per_image,
+            "max_images": model.processor.max_images,
+            "context_length": model.processor.max_length,
+            "running": running,
+            "waiting": waiting,
+        }
+        if model.device.type == "cuda":
+            info["cuda_allocated_bytes"] = torch.cuda.memory_allocated(model.device)
+        return info

@@ -1,0 +1,174 @@
+"""The OpenAI-compatible API, served for real by uvicorn on loopback and driven by the `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from app.api import create_app, serving
+from app.engine import ChatEngine
+from mllm.generation import GenerationConfig
+from mllm.model import MLLM
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    torch.manual_seed(0)
+    return MLLM.build(tiny_config, device="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("allowed")
+    Image.new("RGB", (24, 24), (0, 160, 0)).save(directory / "green.png")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model, image_dir):
+    engine = ChatEngine(model, name="tiny", max_concurrency=4, max_queue=32, gen=GenerationConfig(max_new_tokens=8))
+    with serving(create_app(engine, api_key=KEY, allowed_image_dir=image_dir)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def data_uri(color: tuple[int, int, int], size: int = 20) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def ask(text: str, url: str | None = None) -> list[dict]:
+    content = [{"type": "text", "text": text}]
+    if url is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": content}]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_completion_with_an_image_streams_the_same_text(client):
+    messages = ask("what color is it", data_uri((200, 0, 0)))
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 16
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_stop_string_cuts_the_answer(client):
+    messages = ask("describe the image")
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12).choices[0].message.content
+    stop = full[4:6]
+    cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_local_image_only_inside_the_allowed_dir(client, image_dir):
+    ok = client.chat.completions.create(model="tiny", messages=ask("hi", f"file://{image_dir}/green.png"), max_tokens=2)
+    assert ok.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="outside the allowed image directory"):
+        client.chat.completions.create(model="tiny", messages=ask("hi", f"{image_dir}/../../etc/passwd"))
+
+
+@pytest.mark.parametrize(
+    "url, message, code",
+    [
+        ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a readable image", "invalid_image"),
+        ("data:image/png;base64,@@@", "base64 data is malformed", "invalid_image"),
+        ("https://example.com/cat.png", "remote image URLs are not fetched", "invalid_image_url"),
+    ],
+)
+def test_bad_images_are_400_in_openai_shape(client, url, message, code):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=ask("what is it", url))
+    error = err.value.response.json()["error"]
+    assert message in error["message"] and error["code"] == code and error["type"] == "invalid_request_error"
+
+
+def test_too_many_images_is_400(client):
+    messages = ask("so many", data_uri((1, 2, 3)))
+    messages[0]["content"] = messages[0]["content"][:1] * 9 + messages[0]["content"][1:]
+    with pytest.raises(openai.BadRequestError, match="at most 8"):
+        client.chat.completions.create(model="tiny", messages=messages)
+
+
+def test_api_key_unknown_model_and_schema_errors(server, client):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    response = httpx.get(f"{server}/v1/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=ask("hi"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body, param in [
+        ({"model": "tiny"}, "messages"),
+        ({"model": "tiny", "messages": ask("x"), "temperature": 5}, "temperature"),
+    ]:
+        response = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_full_queue_is_503(model):
+    engine = ChatEngine(model, name="tiny", max_concurrency=1, max_queue=0)
+    hook = model.llm.register_forward_hook(lambda *_: time.sleep(0.02))  # keep the first request busy
+    try:
+        with serving(create_app(engine)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            first = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=1000, stream=True)
+            next(iter(first))
+            with pytest.raises(openai.InternalServerError) as err:
+                client.chat.completions.create(model="tiny", messages=ask("hi"))
+            assert err.value.status_code == 503 and "busy" in err.value.message
+            first.close()  # the client goes away: the server must stop, not spend 20 s on 1000 tokens
+            deadline = time.monotonic() + 5
+            while engine.info()["running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.info()["running"] == 0
+    finally:
+        hook.remove()
+
+
+def test_sixteen_concurrent_conversations_do_not_cross_talk(client):
+    """Each answer (greedy) must equal the same request sent alone: no state leaks between requests."""
+    requests = [ask(f"what is in image {i}?", data_uri((16 * i, 255 - 16 * i, (40 * i) % 256))) for i in range(16)]
+
+    def send(i: int) -> str:
+        if i % 2:  # half of them stream
+            chunks = client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return (
+            client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8).choices[0].message.content
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(send, range(16)))
+    alone = [send(i) for i in range(16)]
+    assert together == alone
+    assert len(set(alone)) > 1  # the images do change the answers, so a mix-up would show
+    assert [m.id for m in client.models.list()] == ["tiny"]  # still serving

@@ -1,0 +1,189 @@
+"""ChatEngine on the tiny random model: streaming, cancel, the queue, conversation edits, errors, export."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from app.engine import ChatEngine, ChatError, QueueFull
+from mllm.generation import GenerationConfig
+from training.data import read_rows
+
+LONG = GenerationConfig(max_new_tokens=40, ignore_eos=True)  # a fixed length: cancel has room to cut it
+SHORT = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return ChatEngine(tiny_model, max_concurrency=1, max_queue=1, gen=SHORT)
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 16), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_stream_yields_the_reply_and_records_the_turn(engine, images):
+    conv = engine.new_conversation()
+    reply = "".join(engine.stream(conv, "what color", images[:1], gen=LONG))
+    assert reply
+    [turn] = engine.history(conv)
+    # The stored reply is the decoded ids; the stream holds back a trailing half-formed UTF-8 character.
+    assert (turn.text, turn.images, turn.reply.rstrip("\ufffd")) == ("what color", images[:1], reply)
+
+
+def test_cancel_stops_between_tokens_and_keeps_the_partial_reply(engine):
+    conv = engine.new_conversation()
+    stream = engine.stream(conv, "describe the image", gen=LONG)
+    first = [next(stream) for _ in range(3)]
+    assert engine.cancel(conv)
+    assert list(stream) == []  # the decode loop saw the event before the next token
+    assert stream.finish_reason == "cancelled"
+    assert engine.history(conv)[-1].reply.startswith("".join(first))
+
+
+def test_cancel_from_another_thread_stops_a_running_generation(engine, tiny_model):
+    hook = tiny_model.llm.register_forward_hook(lambda *_: time.sleep(0.01))  # ~10 ms a token
+    try:
+        conv = engine.new_conversation()
+        gen = GenerationConfig(max_new_tokens=400, ignore_eos=True)
+        pieces: list[str] = []
+        worker = threading.Thread(target=lambda: pieces.extend(engine.stream(conv, "hello", gen=gen)))
+        worker.start()
+        _wait_for(lambda: pieces)  # generating
+        engine.cancel(conv)
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+        assert len(pieces) < 200  # 400 tokens would take 4 s at least; cancel ended it long before
+    finally:
+        hook.remove()
+
+
+def test_queue_admits_in_order_reports_positions_and_refuses_past_the_limit(engine):
+    first = engine.stream("a", "hello", gen=LONG)
+    next(first)  # admitted and generating
+    positions: list[int] = []
+    second = engine.stream("b", "hello", on_queue=positions.append)
+    with pytest.raises(QueueFull, match="busy"):
+        engine.stream("c", "hello")
+    answers: list[str] = []
+    waiter = threading.Thread(target=lambda: answers.append("".join(second)))
+    waiter.start()
+    _wait_for(lambda: positions)
+    time.sleep(0.1)
+    assert positions == [1] and not answers  # still waiting behind the first
+    list(first)
+    waiter.join(timeout=10)
+    assert answers and engine.history("b")[0].reply.startswith(answers[0])
+
+
+def test_cancelled_while_queued_leaves_no_trace(engine):
+    first = engine.stream("a", "hello", gen=LONG)
+    next(first)
+    queued = engine.stream("b", "hello")
+    engine.cancel("b")
+    assert list(queued) == []
+    assert engine.history("b") == []
+    first.close()
+    assert "".join(engine.stream("b", "hello again"))  # the place in the queue was freed
+
+
+def test_one_reply_at_a_time_per_conversation(engine):
+    conv = engine.new_conversation()
+    running = engine.stream(conv, "hello", gen=LONG)
+    next(running)
+    with pytest.raises(ChatError, match="press Stop first") as err:
+        engine.stream(conv, "again")
+    assert err.value.code == "busy"
+    running.close()
+
+
+def test_regenerate_undo_edit_clear(engine, images):
+    conv = engine.new_conversation()
+    "".join(engine.stream(conv, "what color", images[:1]))
+    "".join(engine.stream(conv, "how many objects", images[1:]))
+    replies = [t.reply for t in engine.history(conv)]
+    # Greedy decoding: re-asking after the rollback (KV cache cropped) gives the same answer.
+    "".join(engine.regenerate(conv))
+    assert [t.reply for t in engine.history(conv)] == replies
+    assert engine.undo(conv) == ("how many objects", images[1:])
+    assert [t.text for t in engine.history(conv)] == ["what color"]
+    "".join(engine.edit_last(conv, "describe the image"))
+    [turn] = engine.history(conv)
+    assert (turn.text, turn.images) == ("describe the image", images[:1])
+    engine.clear(conv)
+    assert engine.history(conv) == []
+    with pytest.raises(ChatError, match="no message"):
+        engine.undo(conv)
+
+
+def test_bad_image_is_refused_with_its_problem(engine):
+    conv = engine.new_conversation()
+    with pytest.raises(ChatError, match="not a readable image") as err:
+        engine.stream(conv, "what is this", [b"not an image at all"])
+    assert err.value.code == "invalid_image"
+    assert engine.history(conv) == []
+
+
+def test_too_many_images_says_the_limit(engine, images):
+    conv = engine.new_conversation()
+    "".join(engine.stream(conv, "first", [images[0]] * 5))
+    with pytest.raises(ChatError, match="at most 8 per conversation") as err:
+        engine.stream(conv, "more", [images[1]] * 4)
+    assert err.value.code == "too_many_images"
+    assert len(engine.history(conv)) == 1
+
+
+def test_over_long_conversation_says_the_limit_and_offers_a_reset(engine, tiny_model):
+    tiny_model.processor.max_length = 64
+    conv = engine.new_conversation()
+    with pytest.raises(ChatError, match="limit of 64.*reset") as err:
+        engine.stream(conv, "hello " * 80)
+    assert err.value.code == "context_length_exceeded"
+    assert "".join(engine.stream(conv, "hello")) is not None  # the conversation still works
+
+
+def test_export_llava_json_round_trips_through_read_rows(engine, images, tmp_path):
+    conv = engine.new_conversation()
+    replies = ["".join(engine.stream(conv, "what color", images)), "".join(engine.stream(conv, "and now?"))]
+    path = engine.export_llava(conv, tmp_path)
+    [row] = read_rows(path, image_folder=tmp_path)
+    assert [m["content"] for m in row.messages] == ["<image>\n<image>\nwhat color", replies[0], "and now?", replies[1]]
+    assert [m["role"] for m in row.messages] == ["user", "assistant", "user", "assistant"]
+    assert [Image.open(p).getpixel((0, 0)) for p in row.images] == [im.getpixel((0, 0)) for im in images]
+
+
+def test_export_of_an_empty_conversation_says_why(engine, tmp_path):
+    with pytest.raises(ChatError, match="nothing to export"):
+        engine.export_llava(engine.new_conversation(), tmp_path)
+
+
+def test_complete_is_stateless_and_counts_tokens(engine):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": _png((200, 0, 0))}, {"type": "text", "text": "hi"}]}
+    ]
+    stream = engine.complete(messages, gen=GenerationConfig(max_new_tokens=5, ignore_eos=True))
+    text = "".join(stream)
+    assert stream.completion_tokens == 5 and stream.finish_reason == "length" and stream.prompt_tokens > 16
+    assert "".join(engine.complete(messages, gen=GenerationConfig(max_new_tokens=5, ignore_eos=True))) == text
+    with pytest.raises(ChatError, match="image 1: not a readable image"):
+        engine.complete([{"role": "user", "content": [{"type": "image", "image": b"junk"}]}])
+
+
+def test_info_describes_the_model(engine):
+    info = engine.info()
+    assert info["vision"].startswith("hf") and info["connector"] == "mlp2x_gelu"
+    assert info["quantization"] == "none" and info["device"] == "cpu"
+    assert info["parameters"] > 0 and info["weights_bytes"] >= 4 * info["parameters"] // 2

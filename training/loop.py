@@ -1,0 +1,340 @@
+"""The training loop, top to bottom: data order, lr schedule, accumulation, clipping, eval, checkpoints.
+
+It runs on `accelerate` (CPU, one GPU, or DDP / FSDP / DeepSpeed through `accelerate launch` or
+torchrun). The data order is a (seed, epoch)-seeded permutation cut into global batches, so the data
+position is just the optimizer step: resuming needs no sampler state. Every optimizer step's gradient
+is the token-mean over the whole global batch, whatever the split into processes and micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+
+from mllm.image_processing import ImageError
+from mllm.model import MLLM
+from mllm.processor import IGNORE_INDEX, Processor
+from training import checkpointing
+from training.data import ConversationDataset, DataError, Row
+from training.feature_cache import FeatureCache
+from training.stages import StageConfig, build_objective, param_groups
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    """Optimizer steps done (counting those before a resume)."""
+    losses: list[float]
+    """Train loss (global-batch token mean) of each logged step of this run."""
+    val_loss: float | None
+    """Validation loss at the end (None without validation data)."""
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of each group's peak lr: linear warmup, then cosine to 0 (nanoGPT's get_lr)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_accelerator(stage: StageConfig) -> Accelerator:
+    """bf16 autocast on GPUs that have it; fp32 on CPU, where bf16 matmul is unusably slow."""
+    cpu = not torch.cuda.is_available()  # also makes torchrun on a CPU host a gloo DDP run
+    world = PartialState(cpu=cpu).num_processes
+    bf16 = not cpu and torch.cuda.is_bf16_supported()
+    return Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=stage.gradient_accumulation(world),
+        mixed_precision="bf16" if bf16 else "no",
+    )
+
+
+class TrainStep(nn.Module):
+    """The model and the stage's objective as one module: DDP / FSDP wrap this, so everything with
+    gradients runs inside its forward. Returns {"loss": mean loss of the micro-batch, ...}."""
+
+    def __init__(self, model: MLLM, objective: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        features = batch.get("vision_features")  # (n_img, N_v, D_v) from the cache, or None
+        if self.objective is not None:
+            if features is None:
+                features = self.model.vision(batch["pixel_values"])  # (n_img, N_v, D_v)
+            return self.objective(features, batch["captions"])
+        image_features = None
+        if features is not None:
+            dtype = next(self.model.connector.parameters()).dtype
+            image_features = self.model.connector(features.to(dtype))  # (n_img, N_img, D_llm)
+        _, loss = self.model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=None if features is not None else batch["pixel_values"],
+            labels=batch["labels"],
+            image_features=image_features,
+        )
+        return {"loss": loss}
+
+
+def batch_weight(batch: dict) -> int:
+    """What the micro-batch's mean loss averages over: supervised tokens (the MLLM loss) or captions."""
+    if "captions" in batch:
+        return len(batch["captions"])
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This process's micro-batches (lists of row indices) for optimizer steps [start, end).
+
+    Step s takes rows perm_e[i*G:(i+1)*G], e, i = divmod(s, steps_per_epoch), of a permutation seeded
+    by (seed, epoch); micro-batch k of rank r is the slice (k * world + r) of that global batch.
+    """
+
+    def __init__(self, num_rows: int, stage: StageConfig, world: int, rank: int, start: int, end: int):
+        self.num_rows, self.stage, self.world, self.rank = num_rows, stage, world, rank
+        self.start, self.end = start, end
+        self.accum = stage.gradient_accumulation(world)
+        self.steps_per_epoch = num_rows // stage.global_batch_size
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.accum
+
+    def __iter__(self):
+        size, perm, perm_epoch = self.stage.per_device_batch_size, None, -1
+        for step in range(self.start, self.end):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = np.random.default_rng([self.stage.seed, epoch]).permutation(self.num_rows), epoch
+            chunk = perm[index * self.stage.global_batch_size : (index + 1) * self.stage.global_batch_size]
+            for k in range(self.accum):
+                first = (k * self.world + self.rank) * size
+                yield chunk[first : first + size].tolist()
+
+
+class Samples(torch.utils.data.Dataset):
+    """Row -> (Encoded, caption); the caption (last answer) feeds objectives that take text, not tokens."""
+
+    def __init__(self, rows: list[Row], processor: Processor):
+        self.rows, self.encoded = rows, ConversationDataset(rows, processor)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        return self.encoded[index], self.rows[index].messages[-1]["content"]
+
+
+@dataclass
+class Collator:
+    processor: Processor
+    cache: FeatureCache | None
+    captions: bool
+
+    def __call__(self, samples: list) -> dict:
+        encoded = [e for e, _ in samples]
+        try:
+            if self.cache is None:
+                batch = self.processor.collate(encoded)  # pixel_values (n_img, 3, S, S)
+            else:  # the tower is frozen: read its output instead of loading pixels
+                batch = self.processor.collate([dataclasses.replace(e, images=[]) for e in encoded])
+                del batch["pixel_values"]
+                batch["vision_features"] = self.cache.get([s for e in encoded for s in e.images])  # (n_img, N_v, D_v)
+        except ImageError as e:
+            raise DataError(str(e)) from e
+        if self.captions:
+            batch["captions"] = [c for _, c in samples]
+        return batch
+
+
+def check_rows(rows: list[Row], processor: Processor, stage: StageConfig, accelerator: Accelerator, split: str):
+    """Encode every row once (split over processes) so a bad row stops the run before step 0, named,
+    on every rank at once; a row whose labels are all masked is an error, never a silent zero loss."""
+    errors, dataset = [], ConversationDataset(rows, processor)
+    for i in range(accelerator.process_index, len(rows), accelerator.num_processes):
+        row = rows[i]
+        answers = sum(m["role"] == "assistant" for m in row.messages)
+        if stage.data == "captions" and (len(row.images) != 1 or answers != 1):
+            errors.append(
+                f"{row.id}: a captions stage needs 1 image and 1 answer per row, got {len(row.images)} and {answers}"
+            )
+            continue
+        try:
+            dataset[i]
+        except DataError as e:
+            errors.append(str(e))
+    if accelerator.num_processes > 1:
+        errors = gather_object(errors)
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        raise DataError(f"{split} data: {len(errors)} bad row(s); run `mllm data validate` for details:\n  {shown}")
+
+
+def open_feature_cache(model, stage, root, rows, accelerator, show_progress) -> FeatureCache | None:
+    """A filled cache when the tower is frozen and caching is on; each rank computes a share of the misses."""
+    if stage.vision != "frozen" or root is None:
+        return None
+    cache = FeatureCache(root, model.vision, model.config.vision, model.processor.image_processor)
+    missing = cache.missing(image for row in rows for image in row.images)
+    accelerator.wait_for_everyone()  # every rank has listed the misses before anyone writes
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    cache.precompute(mine, stage.per_device_batch_size, show_progress and accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return cache
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(step_module, samples: Samples, collate: Collator, stage: StageConfig, accelerator: Accelerator) -> float:
+    """Token-weighted mean loss over `samples`; each rank takes every world-th row. Runs the unwrapped
+    module: a DDP forward syncs buffers, which would hang when ranks hold different batch counts."""
+    module = accelerator.unwrap_model(step_module)
+    module.eval()
+    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of loss * weight, sum of weight)
+    for first in range(0, len(mine), stage.per_device_batch_size):
+        batch = collate([samples[i] for i in mine[first : first + stage.per_device_batch_size]])
+        with accelerator.autocast():
+            loss = module(_to(batch, accelerator.device))["loss"]
+        weight = batch_weight(batch)
+        total += torch.stack(
+            [loss.double() * weight, torch.tensor(float(weight), dtype=torch.float64, device=loss.device)]
+        )
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])
+
+
+def train(
+    model: MLLM,
+    stage: StageConfig,
+    train_rows: list[Row],
+    output_dir: str | Path,
+    *,
+    val_rows: list[Row] | None = None,
+    accelerator: Accelerator | None = None,
+    resume: bool = False,
+    feature_cache: str | Path | None = "auto",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train `model` (made by `stages.build_model`) for `stage`: checkpoints, metrics.jsonl, loss.png and
+    the final model go to `output_dir`. `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`)
+    or None (run the tower live)."""
+    accelerator = accelerator or make_accelerator(stage)
+    output, device = Path(output_dir), accelerator.device
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    accum, size = stage.gradient_accumulation(world), stage.global_batch_size
+    steps_per_epoch = len(train_rows) // size  # the last incomplete global batch of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_rows)} training rows are fewer than one global batch ({size}); lower global_batch_size"
+        )
+    total = stage.epochs * steps_per_epoch
+    if stage.max_steps is not None and stage.max_steps > total:
+        raise ValueError(f"max_steps={stage.max_steps} is past the schedule's end ({total} steps); raise epochs")
+    end, warmup = stage.max_steps or total, math.ceil(stage.warmup_ratio * total)
+    output.mkdir(parents=True, exist_ok=True)
+
+    check_rows(train_rows, model.processor, stage, accelerator, "training")
+    check_rows(val_rows or [], model.processor, stage, accelerator, "validation")
+    cache_root = output.parent / ".feature_cache" if feature_cache == "auto" else feature_cache
+    cache = open_feature_cache(model, stage, cache_root, train_rows + (val_rows or []), accelerator, show_progress)
+    objective = build_objective(stage, model)
+    step_module = TrainStep(model, objective)
+    optimizer = torch.optim.AdamW(param_groups(model, stage, objective))
+    start, rng = 0, None
+    if resume:
+        start, rng = checkpointing.load(output, step_module, optimizer, stage, len(train_rows), accelerator)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    trainable = [p for p in step_module.parameters() if p.requires_grad]
+
+    collate = Collator(model.processor, cache, captions=objective is not None)
+    loader = torch.utils.data.DataLoader(
+        Samples(train_rows, model.processor),
+        batch_sampler=StepBatches(len(train_rows), stage, world, rank, start, end),
+        collate_fn=collate,
+        num_workers=stage.num_workers,
+        generator=torch.Generator().manual_seed(stage.seed),  # never draws from the global RNG
+    )
+    batches = iter(loader)
+    metrics = checkpointing.Metrics(output / "metrics.jsonl", keep_until=start, enabled=main)
+    if rng is not None:
+        checkpointing.set_rng_state(rng)  # last, so nothing above shifts the dropout masks
+    bar = tqdm(total=end, initial=start, desc=stage.name, disable=not (show_progress and main), dynamic_ncols=True)
+    losses, val_loss, logged, tick = [], None, start, time.perf_counter()
+    for step in range(start, end):
+        step_module.train()
+        for part in ("vision", "connector"):  # frozen parts stay in eval mode: dropout off, BatchNorm stats fixed
+            getattr(model, part).train(stage.tune[part] != "frozen")
+        factor = lr_factor(step, warmup, total)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        micro = [next(batches) for _ in range(accum)]
+        weights = [batch_weight(b) for b in micro]
+        # A sync point: every rank needs the global batch's token count before its first backward.
+        global_weight = accelerator.reduce(torch.tensor(float(sum(weights)), device=device), "sum").item()
+        step_loss = torch.zeros((), device=device)
+        for batch, weight in zip(micro, weights):
+            with accelerator.accumulate(step_module):  # DDP skips the gradient all-reduce until the last one
+                loss = step_module(_to(batch, device))["loss"]
+                share = weight / global_weight
+                # accelerate divides by `accum` and DDP averages over ranks: undo both, so the summed
+                # gradient is that of the token mean over the whole global batch.
+                accelerator.backward(loss * share * accum * world)
+                step_loss += loss.detach().float() * share
+        grad_norm = accelerator.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        if done % stage.log_every == 0 or done == end:
+            loss_value = accelerator.reduce(step_loss, "sum").item()  # each rank holds a partial sum
+            now = time.perf_counter()
+            speed, logged, tick = size * (done - logged) / (now - tick), done, now
+            lrs = {f"lr_{p}": stage.lr[p] * factor for p in ("vision", "connector", "llm") if stage.tune[p] != "frozen"}
+            norm = None if grad_norm is None else float(grad_norm)
+            losses.append(loss_value)
+            metrics.write(
+                step=done,
+                epoch=round(done / steps_per_epoch, 4),
+                loss=loss_value,
+                **lrs,
+                grad_norm=norm,
+                samples_per_s=round(speed, 2),
+            )
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{speed:.1f}")
+        if val_rows and (done == end or (stage.eval_every and done % stage.eval_every == 0)):
+            val_loss = evaluate(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
+            metrics.write(step=done, val_loss=val_loss)
+        # A run stopped before its schedule's end (max_steps) always leaves a checkpoint to resume from.
+        if (stage.save_every and done % stage.save_every == 0) or (done == end and end < total):
+            epoch, in_epoch = divmod(done, steps_per_epoch)  # the data position of the next step
+            state = {
+                "step": done,
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "sampler_seed": stage.seed,
+                "num_rows": len(train_rows),
+                "world_size": world,
+            }
+            checkpointing.save(output, step_module, optimizer, model, stage, state, accelerator)
+    bar.close()
+    if main:
+        checkpointing.save_final_model(model, output)
+        checkpointing.plot_losses(output / "metrics.jsonl", output / "loss.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(steps=end, losses=losses, val_loss=val_loss)

@@ -1,0 +1,122 @@
+"""`mllm train`: wires a stage, a model and the data into `training.loop.train`; computes nothing.
+
+    mllm train --stage align --data shapes/train_captions.json --image-folder shapes/images --output runs/align
+    mllm train --stage instruct --init runs/align --data shapes/train.json --image-folder shapes/images \\
+        --val-data shapes/val.json --output runs/instruct --set llm=qlora --set per_device_batch_size=4
+
+Multi-process: `accelerate launch [--config_file ...] -m training.train ...` or `torchrun -m training.train ...`.
+Bad data rows, bad settings and missing files print one message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and status 2, like the other mllm commands
+        raise ValueError(f"{self.prog}: {message} (see --help)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="mllm train", description="Train one stage (align, instruct, qformer_pretrain, generative).")
+    p.add_argument("--stage", help="a preset (align, instruct, qformer_pretrain, generative), a config name or YAML")
+    p.add_argument("--config", help="a YAML file of stage settings applied on top of --stage (its `base`)")
+    p.add_argument("--data", required=True, help="training rows: LLaVA JSON or JSONL")
+    p.add_argument("--image-folder", help="where the rows' image paths resolve")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, metrics, the final model")
+    p.add_argument("--val-data", help="validation rows (LLaVA JSON or JSONL)")
+    p.add_argument("--init", help="start from this mllm checkpoint (e.g. the previous stage's output)")
+    p.add_argument("--model-config", help="mllm_config.json-style JSON for a fresh model (default: MLLMConfig())")
+    p.add_argument("--resume", action="store_true", help="continue from the latest OUTPUT/checkpoint-STEP exactly")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule is unchanged)")
+    p.add_argument(
+        "--feature-cache",
+        default="auto",
+        help="frozen-tower feature cache dir, or none (default: OUTPUT/../.feature_cache)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a stage setting (repeatable)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.stage and not args.config:
+        p.error("give --stage (or --config)")
+    return args
+
+
+def stage_from_args(args: argparse.Namespace):
+    from training.stages import load_stage
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set connector_lr=1e-3")
+        overrides[key.strip()] = yaml.safe_load(value) if value else ""
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.config:
+        base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("base", Path(args.config).stem)
+        if args.stage and args.stage != base:
+            raise ValueError(f"--config {args.config} is based on stage {base!r}, not --stage {args.stage!r}")
+        return load_stage(args.config, overrides)
+    return load_stage(args.stage, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm.config import MLLMConfig
+    from training.data import read_rows
+    from training.loop import make_accelerator, train
+    from training.stages import build_model
+
+    stage = stage_from_args(args)
+    model_config = MLLMConfig.load(args.model_config) if args.model_config else None
+    # Rows first: a typo in the data fails in milliseconds, before the model loads.
+    train_rows = read_rows(args.data, args.image_folder)
+    val_rows = read_rows(args.val_data, args.image_folder) if args.val_data else None
+    accelerator = make_accelerator(stage)
+    model = build_model(stage, init=args.init, config=model_config, device=accelerator.device)
+    cache = None if str(args.feature_cache).lower() == "none" else args.feature_cache
+    result = train(
+        model,
+        stage,
+        train_rows,
+        args.output,
+        val_rows=val_rows,
+        accelerator=accelerator,
+        resume=args.resume,
+        feature_cache=cache,
+        show_progress=not args.quiet,
+    )
+    if accelerator.is_main_process:
+        summary = {"stage": stage.name, "steps": result.steps, "loss": result.losses[-1] if result.losses else None}
+        if result.val_loss is not None:
+            summary["val_loss"] = result.val_loss
+        print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(parse_args(argv))
+    except DataError as e:
+        print(f"mllm train: bad data: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"mllm train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
