@@ -8,26 +8,32 @@ llm/                    full LLM weights, only if the LLM was fully tuned
 template.jinja          the chat template the model was trained with
 image_processor.json    image size / normalisation used in training
 tokenizer files         including the image token
+vision/, llm/           base weights carried by converted checkpoints (`mllm convert`), referenced from
+                        mllm_config.json as `./vision` / `./llm`: relative paths resolve against the checkpoint
+qformer_tokenizer/      InstructBLIP's Q-Former tokenizer (its Q-Former reads the instruction too)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from mllm.config import MLLMConfig
-from mllm.connectors import build_connector
+from mllm.config import SMOLLM2, MLLMConfig
+from mllm.connectors import Connector, build_connector
 from mllm.llm import attach_lora, load_llm
 from mllm.model import MLLM, make_processor, pick_device
 from mllm.vision import build_vision
 
 CONFIG_FILE = "mllm_config.json"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
 
@@ -76,6 +82,17 @@ def load_pretrained(
     weights, so decoding pays nothing for it.
     """
     directory = Path(directory)
+    config = read_config(directory, quantization)
+    if (directory / QFORMER_TOKENIZER_DIR).is_dir():
+        from mllm.interop.importer import INSTRUCTBLIP_CHAT
+
+        raise ValueError(f"{directory} is an InstructBLIP checkpoint: {INSTRUCTBLIP_CHAT}")
+    return assemble_checkpoint(directory, config, device=device, trainable=trainable)
+
+
+def read_config(directory: str | Path, quantization: str | None = None) -> MLLMConfig:
+    """The checkpoint's config, checkpoint-relative paths resolved, `quantization` applied if given."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist; give an mllm checkpoint or 'default'")
     if not (directory / CONFIG_FILE).is_file():
@@ -83,23 +100,55 @@ def load_pretrained(
             f"{directory} is not an mllm checkpoint (no {CONFIG_FILE}); "
             "import llava-hf / BLIP-2 checkpoints with `mllm convert`"
         )
-    config = MLLMConfig.load(directory / CONFIG_FILE)
+    config = _resolve_paths(MLLMConfig.load(directory / CONFIG_FILE), directory)
     if quantization is not None:
         config = config.replace(llm=_replace(config.llm, quantization=quantization))
-    device = pick_device(device)
+    return config
 
+
+def _resolve_paths(config: MLLMConfig, directory: Path) -> MLLMConfig:
+    """Relative `vision.path` / `llm.path` that exist inside the checkpoint (`./vision`, `./llm` of a converted
+    checkpoint) become absolute, so the model loads from any working directory and a later save references them."""
+
+    def resolve(path: str | None) -> str | None:
+        if not path or path == SMOLLM2 or Path(path).is_absolute():
+            return path
+        inside = directory / path
+        return str(inside.resolve()) if inside.exists() else path
+
+    return config.replace(
+        vision=_replace(config.vision, path=resolve(config.vision.path)),
+        llm=_replace(config.llm, path=resolve(config.llm.path)),
+    )
+
+
+def assemble_checkpoint(
+    directory: Path,
+    config: MLLMConfig,
+    device: str | None = None,
+    trainable: bool = False,
+    connector_factory: Callable[[int, int, int], Connector] | None = None,
+) -> MLLM:
+    """Build the model of checkpoint `directory` described by `config` (see `read_config`).
+
+    `connector_factory(vision_hidden, vision_tokens, llm_hidden)` replaces `build_connector` for connectors
+    the config can't describe yet (InstructBLIP's instruction-reading Q-Former, see mllm.interop).
+    """
+    device = pick_device(device)
     vision = build_vision(config.vision)
     if (directory / "vision.safetensors").is_file():
         vision.load_state_dict(load_file(directory / "vision.safetensors"))
-    full_weights = directory / "llm"
-    llm = load_llm(config.llm, device, weights_path=str(full_weights) if full_weights.is_dir() else None)
+    llm = _load_base_llm(directory, config, device)
     if (directory / "adapter").is_dir():
         llm = attach_lora(llm, config.llm.lora, adapter_path=str(directory / "adapter"), trainable=trainable)
         if not trainable and config.llm.quantization == "none":
             llm = llm.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     llm_hidden = llm.get_input_embeddings().embedding_dim
-    connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
+    if connector_factory is not None:
+        connector = connector_factory(vision.hidden_size, vision.num_tokens, llm_hidden)
+    else:
+        connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
     connector.load_state_dict(load_file(directory / "connector.safetensors"))
     if config.tokens_per_image is not None and config.tokens_per_image != connector.num_tokens:
         raise ValueError(
@@ -111,14 +160,29 @@ def load_pretrained(
     return MLLM(config, vision, connector, llm, processor).place(device).eval()
 
 
-def _replace(cfg, **changes):
-    import dataclasses
+def _load_base_llm(directory: Path, config: MLLMConfig, device):
+    """The checkpoint's own `llm/`, else `llm.path`: an LLM directory / hub id, or the LLM half of a
+    LLaVA / BLIP-2 transformers directory (a model loaded straight from one and saved references it)."""
+    if (directory / "llm").is_dir():
+        return load_llm(config.llm, device, weights_path=str(directory / "llm"))
+    from mllm.interop.common import detect_format, load_composite_llm
 
+    path = config.llm.path
+    fmt = detect_format(path) if Path(path).is_dir() else None
+    if fmt is None:
+        return load_llm(config.llm, device)
+    from transformers import AutoConfig
+
+    text_config = AutoConfig.from_pretrained(path, trust_remote_code=False).text_config
+    return load_composite_llm(path, fmt, text_config, config.llm, device)
+
+
+def _replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
 def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
-    """`default` (the built-in demo model) or a checkpoint directory."""
+    """`default` (the built-in demo model), a checkpoint directory, or a transformers LLaVA / BLIP-2 directory."""
     if name == "default":
         if (DEMO_DIR / CONFIG_FILE).is_file():
             return load_pretrained(DEMO_DIR, device=device, quantization=quantization)
@@ -128,4 +192,18 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
         if quantization is not None:
             config = config.replace(llm=_replace(config.llm, quantization=quantization))
         return MLLM.build(config, device=device).eval()
+    path = Path(name)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        # A released transformers LLaVA / BLIP-2 directory, recognised by its config.json (not its name).
+        from mllm.interop.common import detect_format, read_hf_config
+
+        if detect_format(path) is not None:
+            from mllm.interop.importer import load_transformers
+
+            return load_transformers(path, device=device, quantization=quantization)
+        if (hf_config := read_hf_config(path)) is not None:
+            raise ValueError(
+                f"{path} is a transformers {hf_config.get('model_type', 'model')!r} checkpoint; mllm loads "
+                "llava, blip-2 and instructblip ones (or mllm checkpoints, which have mllm_config.json)"
+            )
     return load_pretrained(name, device=device, quantization=quantization)

@@ -146,6 +146,18 @@ def cmd_eval(argv: list[str]) -> int:
     return _run_module("training.evaluate", argv)
 
 
+def cmd_convert(argv: list[str]) -> int:
+    from mllm.interop import main_convert
+
+    return main_convert(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from mllm.interop import main_export
+
+    return main_export(argv)
+
+
 def cmd_ui(argv: list[str]) -> int:
     return _run_module("app.ui", argv)
 
@@ -168,6 +180,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": cmd_data,
     "train": cmd_train,
     "eval": cmd_eval,
+    "convert": cmd_convert,
+    "export": cmd_export,
     "ui": cmd_ui,
     "api": cmd_api,
 }

@@ -27,11 +27,13 @@ from transformers import (
     InstructBlipConfig,
     InstructBlipVisionConfig,
     InstructBlipVisionModel,
+    LlavaConfig,
     PretrainedConfig,
     SiglipConfig,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.utils import logging as hf_logging
 
 from mllm.config import VisionConfig
 
@@ -166,13 +168,15 @@ HF_VISION_MODELS: dict[type[PretrainedConfig], tuple[type[nn.Module], bool]] = {
 }
 # Full (vision + text) checkpoints: their `vision_config` is used and only the vision weights are loaded,
 # through a checkpoint-key mapping. transformers maps CLIP / SigLIP checkpoints onto their vision models
-# by itself; the BLIP-2 vision model's keys lack the `vision_model.` prefix of the full checkpoint.
+# by itself; the BLIP-2 vision model's keys lack the `vision_model.` prefix of the full checkpoint, and a
+# llava-hf checkpoint keeps its tower under `vision_tower.` (`model.vision_tower.` in transformers 5 layout).
 _STRIP_VISION_PREFIX = {r"^vision_model\.": ""}
 HF_FULL_CONFIGS: dict[type[PretrainedConfig], dict[str, str] | None] = {
     CLIPConfig: None,
     SiglipConfig: None,
     Blip2Config: _STRIP_VISION_PREFIX,
     InstructBlipConfig: _STRIP_VISION_PREFIX,
+    LlavaConfig: {r"^(model\.)?vision_tower\.": ""},
 }
 
 
@@ -208,9 +212,17 @@ class HFVisionTower(VisionTower):
             )
         self.image_mean, self.image_std = _hf_normalisation(cfg)  # before the (large) weights: fail fast
 
-        model, info = model_cls.from_pretrained(
-            path, config=config, key_mapping=key_mapping, dtype=torch.float32, output_loading_info=True
-        )
+        # From a full checkpoint the text half is "unexpected" by design: keep transformers' load report quiet
+        # (missing tower weights are checked below).
+        verbosity = hf_logging.get_verbosity()
+        if key_mapping is not None:
+            hf_logging.set_verbosity_error()
+        try:
+            model, info = model_cls.from_pretrained(
+                path, config=config, key_mapping=key_mapping, dtype=torch.float32, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         if missing := sorted(info["missing_keys"]):
             # A tower with randomly initialised layers would train and run without any other sign of trouble.
             raise ValueError(f"vision.path={path!r} lacks {len(missing)} weights of its tower, e.g. {missing[:3]}")

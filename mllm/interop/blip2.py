@@ -1,0 +1,221 @@
+"""Import transformers `Blip2ForConditionalGeneration` / `InstructBlipForConditionalGeneration` checkpoints
+with a decoder-only LLM (OPT, LLaMA-class); encoder-decoder (Flan-T5) ones are refused.
+
+BLIP-2                                   mllm
+vision_model (EVA ViT-g) layers          vision: kind=hf, path=<checkpoint>, feature_layer=-1, CLS kept
+vision_model.post_layernorm              connector.vision_norm (same epsilon: the tower's layer_norm_eps)
+query_tokens                             connector.query_tokens
+qformer.layernorm, qformer.encoder       connector.qformer (Blip2QFormerModel)
+language_projection                      connector.proj
+language_model                           llm
+InstructBLIP adds: qformer.embeddings.{word,position}_embeddings -> connector.{word,position}_embeddings,
+qformer.embeddings.layernorm -> connector.qformer.layernorm, and the Q-Former's text feed-forward blocks.
+
+Our tower returns `hidden_states[-1]`, the last layer *before* BLIP-2's post_layernorm, so the connector's
+`vision_norm` is exactly that LayerNorm: the imported model computes what transformers computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PretrainedConfig
+
+from mllm.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
+from mllm.connectors import QFormerConnector
+from mllm.interop.common import check_decoder_only, prompt_template, read_tensors
+from mllm.interop.plan import ImportPlan, image_settings
+
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+_TEXT_FFN = re.compile(
+    r"\.layer\.\d+\.(intermediate|output)\."
+)  # the text feed-forward (not *_query, not attention.output)
+_OUR_QFORMER_EPS = 1e-12  # Blip2QFormerConfig's default, which our connector builds with
+
+
+class InstructQFormerConnector(QFormerConnector):
+    """A BLIP-2 Q-Former that also reads the instruction (InstructBLIP): its token ids are embedded (word +
+    position), appended after the query tokens, and attend with them; only the query outputs go to the LLM.
+    """
+
+    def __init__(
+        self,
+        cfg: ConnectorConfig,
+        vision_hidden: int,
+        vision_tokens: int,
+        llm_hidden: int,
+        vocab_size: int,
+        max_positions: int,
+        pad_token_id: int | None = 0,
+    ):
+        super().__init__(cfg, vision_hidden, vision_tokens, llm_hidden)
+        # The text tokens go through the Q-Former's text feed-forward blocks, which BLIP-2 drops.
+        self.qformer_config.use_qformer_text_input = True
+        self.qformer = type(self.qformer)(self.qformer_config)
+        self.word_embeddings = nn.Embedding(vocab_size, cfg.qformer_hidden_size, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_positions, cfg.qformer_hidden_size)
+
+    @property
+    def max_positions(self) -> int:
+        return self.position_embeddings.num_embeddings
+
+    def query_features(
+        self,
+        features: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if instruction_ids is None:
+            raise ValueError(
+                "this InstructBLIP Q-Former reads the instruction as well as the image: pass instruction_ids "
+                "(the Q-Former tokenizer's ids of the text of the turn that carries each image)"
+            )
+        features = self.vision_norm(features)  # (B, N_v, D_v)
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)  # (B, Q, D_q)
+        ids = instruction_ids.to(queries.device)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        text = self.word_embeddings(ids) + self.position_embeddings(positions)  # (B, T, D_q)
+        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        if instruction_mask is not None:
+            mask = instruction_mask.to(ids.device).long()
+        mask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long, device=ids.device), mask], dim=1)
+        out = self.qformer(
+            query_embeds=torch.cat([queries, text.to(queries.dtype)], dim=1),  # (B, Q + T, D_q)
+            query_length=queries.shape[1],
+            attention_mask=mask,
+            encoder_hidden_states=features,
+        )
+        return out.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_q)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.proj(self.query_features(features, instruction_ids, instruction_mask))  # (B, Q, D_llm)
+
+
+def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = None) -> ImportPlan:
+    """BLIP-2 and InstructBLIP (`hf_config.model_type` tells which). `template` is not used: these models
+    take a plain prompt, reproduced by `prompt_template`."""
+    instruct = hf_config.model_type == "instructblip"
+    fmt = "instructblip" if instruct else "blip2"
+    check_decoder_only(path, hf_config.text_config)
+    vision_cfg, qformer_cfg = hf_config.vision_config, hf_config.qformer_config
+    _check_qformer(path, qformer_cfg, vision_cfg)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    image_token = "<image>"
+    if hf_config.image_token_index is not None:
+        image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_index)
+        if image_token is None or image_token == tokenizer.unk_token:
+            raise ValueError(f"{path}: image_token_index={hf_config.image_token_index} is not a tokenizer token")
+    jinja = prompt_template(tokenizer, image_token)
+    tokenizer.chat_template = jinja
+
+    resize_mode, mean, std = image_settings(path, vision_cfg.image_size)
+    fields = dict(
+        kind="qformer",
+        num_query_tokens=hf_config.num_query_tokens,
+        qformer_layers=qformer_cfg.num_hidden_layers,
+        qformer_hidden_size=qformer_cfg.hidden_size,
+        qformer_heads=qformer_cfg.num_attention_heads,
+        qformer_cross_attention_frequency=qformer_cfg.cross_attention_frequency,
+    )
+    if "vision_norm_eps" in {f.name for f in dataclasses.fields(ConnectorConfig)}:
+        # Where the config can say it, the epsilon is saved with the checkpoint (otherwise `connector_setup`
+        # below sets it on the loaded model only; a converted checkpoint then reloads with PyTorch's 1e-5).
+        fields["vision_norm_eps"] = vision_cfg.layer_norm_eps
+    connector_cfg = ConnectorConfig(**fields)
+    config = MLLMConfig(
+        # The Q-Former reads every token of the last layer, CLS included.
+        vision=VisionConfig(
+            kind="hf",
+            path=str(path),
+            feature_layer=-1,
+            drop_cls=False,
+            resize_mode=resize_mode,
+            image_mean=mean,
+            image_std=std,
+        ),
+        connector=connector_cfg,
+        llm=LLMConfig(path=str(path)),
+        template="auto",
+        image_token=image_token,
+        max_images=1,  # BLIP-2 puts one image's query tokens in front of the prompt
+    )
+
+    prefixes = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "language_projection.")
+    tensors = read_tensors(path, lambda k: k.startswith(prefixes))
+    state = {
+        "vision_norm.weight": tensors["vision_model.post_layernorm.weight"],
+        "vision_norm.bias": tensors["vision_model.post_layernorm.bias"],
+        "query_tokens": tensors["query_tokens"],
+        "proj.weight": tensors["language_projection.weight"],
+        "proj.bias": tensors["language_projection.bias"],
+    }
+    for key, value in tensors.items():
+        if key.startswith("qformer.encoder.") and (instruct or not _TEXT_FFN.search(key)):
+            state[key] = value
+    norm = "qformer.embeddings.layernorm." if instruct else "qformer.layernorm."
+    for name in ("weight", "bias"):
+        state[f"qformer.layernorm.{name}"] = tensors[norm + name]
+
+    plan = ImportPlan(
+        fmt=fmt,
+        path=path,
+        config=config,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        template=jinja,
+        connector_state=state,
+        connector_setup=lambda connector: _set_vision_norm_eps(connector, vision_cfg.layer_norm_eps),
+    )
+    if instruct:
+        state["word_embeddings.weight"] = tensors["qformer.embeddings.word_embeddings.weight"]
+        state["position_embeddings.weight"] = tensors["qformer.embeddings.position_embeddings.weight"]
+        plan.extras["qformer_tokenizer"] = AutoTokenizer.from_pretrained(
+            str(path), subfolder=QFORMER_TOKENIZER_DIR, trust_remote_code=False
+        )
+        plan.build_connector = instruct_connector_factory(
+            connector_cfg,
+            state["word_embeddings.weight"].shape,
+            state["position_embeddings.weight"].shape[0],
+            qformer_cfg.pad_token_id,
+        )
+    return plan
+
+
+def instruct_connector_factory(cfg: ConnectorConfig, word_shape, max_positions: int, pad_token_id: int | None):
+    def build(vision_hidden: int, vision_tokens: int, llm_hidden: int) -> InstructQFormerConnector:
+        return InstructQFormerConnector(
+            cfg, vision_hidden, vision_tokens, llm_hidden, int(word_shape[0]), int(max_positions), pad_token_id
+        )
+
+    return build
+
+
+def _set_vision_norm_eps(connector: QFormerConnector, eps: float) -> None:
+    # Our connector's LayerNorm uses PyTorch's default 1e-5; BLIP-2's post_layernorm uses the tower's (1e-6).
+    connector.vision_norm.eps = eps
+
+
+def _check_qformer(path: Path, qformer, vision) -> None:
+    """Our connector builds its Blip2QFormerConfig from a few fields; the rest must be what it assumes."""
+    expected = {
+        "intermediate_size": 4 * qformer.hidden_size,
+        "hidden_act": "gelu",
+        "layer_norm_eps": _OUR_QFORMER_EPS,
+        "encoder_hidden_size": vision.hidden_size,
+    }
+    for name, value in expected.items():
+        if getattr(qformer, name) != value:
+            raise ValueError(
+                f"{path}: qformer_config.{name}={getattr(qformer, name)!r}, but mllm's qformer connector assumes "
+                f"{value!r}; this checkpoint can't be imported exactly"
+            )
