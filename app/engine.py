@@ -235,11 +235,8 @@ def _last_user(session: ChatSession) -> int:
 def _rollback(conv: _Conversation, n_messages: int) -> None:
     """Keep the first `n_messages` messages and their images; the KV cache is cropped on the next turn."""
     session = conv.session
-    keep = len(session.images) - sum(_image_count(m) for m in session.messages[n_messages:])
-    session.messages = session.messages[:n_messages]
-    session.images, conv.sources = session.images[:keep], conv.sources[:keep]
-    # ChatSession has no public rollback yet; its per-image features must stay aligned with its images.
-    session._features = session._features[:keep]
+    session.rollback(n_messages)
+    conv.sources = conv.sources[: len(session.images)]
 
 
 class ChatEngine:

@@ -14,7 +14,7 @@ from typing import Any
 
 VISION_KINDS = ("efficientnet_lite0", "hf")
 EFFICIENTNET_FEATURES = ("final", "multiscale")
-RESIZE_MODES = ("resize", "pad")
+RESIZE_MODES = ("resize", "pad", "crop")
 CONNECTOR_KINDS = ("linear", "mlp2x_gelu", "qformer")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 TUNE_TYPES = ("frozen", "full", "lora", "qlora")
@@ -47,7 +47,8 @@ class VisionConfig:
     features: str = "multiscale"
     """For `efficientnet_lite0`: `final` (7x7x1280) or `multiscale` (adds the 14x14x112 stage, folded 2x2)."""
     resize_mode: str = "pad"
-    """`pad` to a square with the mean colour before resizing (LLaVA-1.5), or plain `resize`."""
+    """`pad` to a square with the mean colour before resizing (LLaVA-1.5), plain `resize`, or `crop`
+    (shortest side to the tower's size, then a centre crop: CLIP's and llava-hf's processor)."""
     image_mean: tuple[float, float, float] | None = None
     """Override the tower's normalisation mean (otherwise read from the tower)."""
     image_std: tuple[float, float, float] | None = None
@@ -81,6 +82,8 @@ class ConnectorConfig:
     """For `qformer`: attention heads; must divide qformer_hidden_size."""
     qformer_cross_attention_frequency: int = 1
     """For `qformer`: a cross-attention to the image every N layers (BLIP-2 uses 2)."""
+    vision_norm_eps: float = 1e-5
+    """For `qformer`: epsilon of the LayerNorm over the tower's features (BLIP-2's post-layernorm uses 1e-6)."""
 
     def __post_init__(self) -> None:
         _check_choice("connector", "kind", self.kind, CONNECTOR_KINDS)

@@ -58,7 +58,7 @@ class QFormerConnector(Connector):
         )
         # BLIP-2 normalises the tower's output before the Q-Former reads it; towers such as
         # EfficientNet have no final LayerNorm, so the connector owns one.
-        self.vision_norm = nn.LayerNorm(vision_hidden)
+        self.vision_norm = nn.LayerNorm(vision_hidden, eps=cfg.vision_norm_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer_hidden_size))
         nn.init.normal_(self.query_tokens, std=self.qformer_config.initializer_range)
         self.qformer = Blip2QFormerModel(self.qformer_config)

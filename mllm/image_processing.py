@@ -155,6 +155,17 @@ def _short_reason(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _resize_shortest_then_crop(image: Image.Image, size: int) -> Image.Image:
+    """CLIP-style: bicubic resize so the short side is `size`, then a centred size x size crop."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     image_size: int
@@ -191,17 +202,19 @@ class ImageProcessor:
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
-        # LLaVA truncates with int(); rounding is the nearer colour and differs by at most 1 level.
-        r, g, b = (round(m * 255) for m in self.image_mean)
+        # Truncated like LLaVA's `expand2square`, so padded images match released checkpoints exactly.
+        r, g, b = (int(m * 255) for m in self.image_mean)
         return r, g, b
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An RGB image (see `load_image`) -> (3, S, S) float32, normalised."""
         if image.mode != "RGB":
             raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}; load it with load_image()")
+        size = self.image_size
         if self.resize_mode == "pad":
             image = _pad_to_square(image, self.pad_color)
-        size = self.image_size
+        elif self.resize_mode == "crop":
+            image = _resize_shortest_then_crop(image, size)
         image = image.resize((size, size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (S, S, 3) in 0..1
         pixels = pixels.permute(2, 0, 1)  # (3, S, S)

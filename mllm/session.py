@@ -25,6 +25,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _image_count(message: dict) -> int:
+    content = message["content"]
+    if isinstance(content, str):
+        return 0  # assistant replies and system prompts carry no images
+    return sum(1 for part in content if part.get("type") == "image")
+
+
 class ChatSession:
     def __init__(self, model, system: str | None = None, gen: GenerationConfig | None = None):
         self.model = model
@@ -40,6 +47,16 @@ class ChatSession:
         self._cache = DynamicCache(config=self.model.llm.config)
         self._cached_ids: list[int] = []  # exactly the ids whose keys/values are in the cache
         self.last_prefill_tokens = 0  # how many tokens the last turn had to prefill (for benchmarks)
+
+    def rollback(self, n_messages: int) -> None:
+        """Keep the first `n_messages` messages and their images (undo / regenerate / edit).
+
+        The KV cache needs no work here: the next turn's prefix match crops it.
+        """
+        dropped = sum(_image_count(m) for m in self.messages[n_messages:])
+        keep = len(self.images) - dropped
+        self.messages = self.messages[:n_messages]
+        self.images, self._features = self.images[:keep], self._features[:keep]
 
     def send(
         self,

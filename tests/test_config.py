@@ -18,7 +18,7 @@ from mllm.config import ConnectorConfig, LLMConfig, LoraConfig, MLLMConfig, Visi
         ),
         (lambda: VisionConfig(kind="hf"), "vision.path is required"),
         (lambda: VisionConfig(features="middle"), "vision.features"),
-        (lambda: VisionConfig(resize_mode="crop"), "vision.resize_mode='crop'.*pad"),
+        (lambda: VisionConfig(resize_mode="stretch"), "vision.resize_mode='stretch'.*pad"),
         (lambda: VisionConfig(image_mean=(0.5, 0.5)), "vision.image_mean must have 3 values"),
         (lambda: ConnectorConfig(kind="perceiver"), "connector.kind='perceiver'.*linear, mlp2x_gelu, qformer"),
         (lambda: ConnectorConfig(kind="qformer", qformer_hidden_size=30, qformer_heads=4), "not divisible"),

@@ -156,7 +156,7 @@ def test_pad_keeps_aspect_with_mean_colour(tmp_path):
     path = save(Image.new("RGB", (32, 8), RED), tmp_path / "wide.png")
     pixels = processor([path])[0] + torch.tensor(mean).view(3, 1, 1)  # undo normalisation -> 0..1
     assert pixels.shape == (3, 16, 16)
-    pad = [round(m * 255) for m in mean]
+    pad = [int(m * 255) for m in mean]
     for row in range(3):  # the 32x8 image sits in rows 12..19 of 32, i.e. 6..9 of 16
         assert (pixels[:, row, :] * 255).round().T.tolist() == [pad] * 16
     assert (pixels[:, 8, 8] * 255).tolist() == pytest.approx(RED, abs=1.5)
@@ -270,7 +270,7 @@ def test_preprocess_rejects_non_rgb():
     [
         ("image_size", 0),
         ("image_size", 2.5),
-        ("resize_mode", "crop"),
+        ("resize_mode", "stretch"),
         ("image_mean", (0.5, 0.5)),
         ("image_mean", (128.0, 128.0, 128.0)),
         ("image_std", (0.5, 0.0, 0.5)),
@@ -281,3 +281,15 @@ def test_invalid_fields_raise_value_error_naming_the_field(field, value):
     kwargs = dict(image_size=S, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) | {field: value}
     with pytest.raises(ValueError, match=f"ImageProcessor.{field}"):
         ImageProcessor(**kwargs)
+
+
+def test_crop_mode_resizes_shortest_side_then_centre_crops():
+    # A wide image: red left third, green middle, blue right third; the centre crop keeps only green.
+    image = Image.new("RGB", (90, 30), (255, 0, 0))
+    image.paste((0, 255, 0), (30, 0, 60, 30))
+    image.paste((0, 0, 255), (60, 0, 90, 30))
+    proc = ImageProcessor(image_size=10, image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0), resize_mode="crop")
+    pixels = proc.preprocess(image)
+    assert pixels.shape == (3, 10, 10)
+    centre = (pixels[:, 2:8, 2:8] * 255).round()
+    assert centre[1].min() > 240 and centre[0].max() < 15 and centre[2].max() < 15
