@@ -11,7 +11,8 @@ tower, LLM and initial projector weights (the script checks that both give the s
 `--size default`: EfficientNet-Lite0 + SmolLM2-135M; Llava has no EfficientNet, so the baseline's tower is
 a random CLIP ViT with the same number of image tokens and about the same FLOPs per image (both printed).
 
-    .venv/bin/python scripts/bench_train.py [--size tiny|default] [--steps 20] [--warmup 2] [--batch-size 8]
+    .venv/bin/python scripts/bench_train.py                  # tiny, ~1.5 min on 2 cores
+    .venv/bin/python scripts/bench_train.py --size default   # ~3 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,7 +159,8 @@ def count(module: torch.nn.Module) -> str:
 
 
 def loop_speed(metrics: Path, batch_size: int, warmup: int) -> float:
-    """samples/s over the steps after `warmup`, from the loop's own per-interval samples_per_s records."""
+    """samples/s over the steps after `warmup`, from the loop's own per-interval samples_per_s records
+    (rounded to 0.01 there: under 0.3% at the ~2 samples/s of the default size)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     seconds, last = 0.0, warmup
     for record in records:
@@ -242,36 +246,24 @@ def first_loss_gap(model: MLLM, llava: LlavaForConditionalGeneration, rows: list
 # ---- entry point -------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("tiny", "default"), default="tiny", help="model sizes (see the docstring)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: tiny 24, default 6)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (no accumulation)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per sample")
-    p.add_argument("--images", type=int, default=64, help="synthetic caption rows (one image each)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, median reported (tiny 3, default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: tiny 1, default all)")
-    p.add_argument("--json", default=None, help="also write the figures here")
-    args = p.parse_args(argv)
-    steps = args.steps or (24 if args.size == "tiny" else 6)
-    args.repeats = args.repeats or (3 if args.size == "tiny" else 1)
-    if min(args.warmup, steps, args.repeats) < 1:
-        p.error("--warmup, --steps and --repeats must be >= 1")
-    if args.images < args.batch_size:
-        p.error(f"--images {args.images} is less than one batch (--batch-size {args.batch_size})")
-    # Tiny matrices gain nothing from a second thread and lose a lot on a busy 2-core machine.
-    torch.set_num_threads(args.threads or (1 if args.size == "tiny" else torch.get_num_threads()))
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    began = time.perf_counter()
+@dataclass
+class Figures:
+    runs: dict[str, list[float]]
+    """samples/s of every repeat: `cache`, `live` (mllm's loop) and `baseline` (Trainer + Llava)."""
+    precompute_s: float
+    """Seconds to fill the feature cache (first repeat), outside the timed steps."""
+    notes: list[str]
+    """Setup lines printed above the table."""
 
+
+def measure(args: argparse.Namespace) -> Figures:
+    tiny = args.size == "tiny"
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        config = tiny_config(workdir) if args.size == "tiny" else MLLMConfig()
+        config = tiny_config(workdir) if tiny else MLLMConfig()
         paths = write_dataset(workdir / "data", args.images, seed=0, splits=(("train", 1.0),))
         rows = read_rows(paths["train_captions"], paths["images"])
-        total = args.warmup + steps
+        total = args.warmup + args.steps
         stage = load_stage(
             "align",
             {
@@ -283,18 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                 "log_every": args.warmup,  # one record closes the warm-up; the next ones time the rest
             },
         )
-
         model = build_model(stage, config=config, device="cpu")
-        same_tower = args.size == "tiny"
-        vision_config = model.vision.model.config if same_tower else CLIPVisionConfig(**FLOPS_MATCHED_CLIP)
-        llava = build_llava(model, vision_config, same_tower)
-        gap = first_loss_gap(model, llava, rows, args.batch_size) if same_tower else None
-        size = model.vision.image_size
-        ours_cost = tower_cost(model.vision, size, args.batch_size)
-        theirs_cost = tower_cost(
-            lambda px: llava.model.vision_tower(pixel_values=px, output_hidden_states=True), size, args.batch_size
-        )
-        seq = [len(e.input_ids) for e in ConversationDataset(rows, model.processor)]
+        vision_config = model.vision.model.config if tiny else CLIPVisionConfig(**FLOPS_MATCHED_CLIP)
+        llava = build_llava(model, vision_config, same_tower=tiny)
+        notes = describe(args, model, llava, rows)
 
         # Interleaved repeats, so a neighbour's load on the machine hits every run alike; the cache is
         # filled in the first one (its precompute is the figure reported), later ones find it full.
@@ -308,52 +292,103 @@ def main(argv: list[str] | None = None) -> int:
             precompute_s = seconds if precompute_s is None else precompute_s
             runs["live"].append(bench_mllm(live_model, stage, rows, where, None, args.warmup)[0])
             runs["baseline"].append(bench_trainer(llava, model, stage, rows, where, args.warmup))
-    cached, live, baseline = (statistics.median(runs[k]) for k in ("cache", "live", "baseline"))
-
-    amortised = len(rows) / (len(rows) / cached + precompute_s)
-    results = [
-        ("mllm loop, feature cache (precompute excluded)", cached, runs["cache"]),
-        ("mllm loop, feature cache, precompute amortised over one pass", amortised, [amortised]),
-        ("mllm loop, live tower", live, runs["live"]),
-        ("transformers Trainer + LlavaForConditionalGeneration (baseline)", baseline, runs["baseline"]),
-    ]
-    tower = "EfficientNet-Lite0" if args.size == "default" else "CLIP (random)"
-    llm_cfg = model.llm.config
-    print(
-        f"size {args.size}: LLM {count(model.llm)} ({llm_cfg.num_hidden_layers} layers, hidden {llm_cfg.hidden_size}), "
-        f"{model.tokens_per_image} image tokens, sequences {min(seq)}-{max(seq)} tokens (mean {sum(seq) / len(seq):.0f})"
-    )
-    print(
-        f"batch {args.batch_size}, max length {args.max_length}, {len(rows)} caption rows, "
-        f"{args.warmup} warm-up + {steps} timed steps, median of {args.repeats}, fp32, CPU, torch threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
-    )
-    print(
-        f"mllm tower: {tower}, {count(model.vision)}, {ours_cost[0]:.2f} GFLOPs/image, {ours_cost[1]:.1f} ms/image; "
-        f"baseline tower: CLIP ViT {vision_config.num_hidden_layers}x{vision_config.hidden_size}, "
-        f"patch {vision_config.patch_size}, {count(llava.model.vision_tower)}, "
-        f"{theirs_cost[0]:.2f} GFLOPs/image, {theirs_cost[1]:.1f} ms/image"
-    )
-    if same_tower:
-        print(f"same tower, LLM and projector weights in both; first-batch loss gap {gap:.2e}")
-    else:
-        print(
-            "baseline tower differs (Llava has no EfficientNet): a random CLIP of about the same FLOPs and token "
-            "count, so the live-tower ratio also compares the two towers' CPU speed; LLM weights are the same"
-        )
-    print(
+    notes.append(
         f"feature cache precompute: {precompute_s:.1f} s for {len(rows)} images "
         f"({len(rows) / precompute_s:.1f} images/s), not in the timed steps"
     )
+    return Figures(runs, precompute_s, notes)
+
+
+def describe(args: argparse.Namespace, model: MLLM, llava: LlavaForConditionalGeneration, rows: list[Row]) -> list[str]:
+    """The setup: sizes, sequence lengths and both towers' measured cost (and, tiny, the same-weights check)."""
+    tiny = args.size == "tiny"
+    llm, clip = model.llm.config, llava.config.vision_config
+    seq = [len(e.input_ids) for e in ConversationDataset(rows, model.processor)]
+    ours = tower_cost(model.vision, model.vision.image_size, args.batch_size)
+    theirs = tower_cost(
+        lambda px: llava.model.vision_tower(pixel_values=px, output_hidden_states=True),
+        clip.image_size,
+        args.batch_size,
+    )
+    notes = [
+        f"size {args.size}: LLM {count(model.llm)} ({llm.num_hidden_layers} layers, hidden {llm.hidden_size}), "
+        f"{model.tokens_per_image} image tokens, sequences {min(seq)}-{max(seq)} tokens (mean {sum(seq) / len(seq):.0f})",
+        f"batch {args.batch_size}, max length {args.max_length}, {len(rows)} caption rows, {args.warmup} warm-up + "
+        f"{args.steps} timed steps, median of {args.repeats}, fp32, CPU, torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}",
+        f"mllm tower: {'CLIP (random)' if tiny else 'EfficientNet-Lite0'}, {count(model.vision)}, "
+        f"{ours[0]:.2f} GFLOPs/image, {ours[1]:.1f} ms/image; baseline tower: CLIP ViT "
+        f"{clip.num_hidden_layers}x{clip.hidden_size}, patch {clip.patch_size}, {count(llava.model.vision_tower)}, "
+        f"{theirs[0]:.2f} GFLOPs/image, {theirs[1]:.1f} ms/image",
+    ]
+    if tiny:
+        gap = first_loss_gap(model, llava, rows, args.batch_size)
+        notes.append(f"same tower, LLM and projector weights in both; first-batch loss gap {gap:.2e}")
+    else:
+        notes.append(
+            "baseline tower differs (Llava has no EfficientNet): a random CLIP of about the same FLOPs and token "
+            "count, so the live-tower ratio also compares the two towers' CPU speed; LLM weights are the same"
+        )
+    return notes
+
+
+def report(figures: Figures, rows: int) -> list[tuple[str, float, list[float]]]:
+    """(run, median samples/s, each repeat) rows of the table; the last one is the baseline."""
+    cached, live, baseline = (statistics.median(figures.runs[k]) for k in ("cache", "live", "baseline"))
+    amortised = rows / (rows / cached + figures.precompute_s)
+    return [
+        ("mllm loop, feature cache (precompute excluded)", cached, figures.runs["cache"]),
+        ("mllm loop, feature cache, precompute amortised over one pass", amortised, [amortised]),
+        ("mllm loop, live tower", live, figures.runs["live"]),
+        ("transformers Trainer + LlavaForConditionalGeneration (baseline)", baseline, figures.runs["baseline"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=("tiny", "default"), default="tiny", help="model sizes (see the docstring)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: tiny 24, default 6)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (tiny 2, default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (no accumulation)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sample")
+    p.add_argument("--images", type=int, default=64, help="synthetic caption rows (one image each)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, median reported (tiny 3, default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: tiny 1, default all)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    tiny = args.size == "tiny"
+    args.steps = args.steps or (24 if tiny else 6)
+    args.warmup = args.warmup or (2 if tiny else 1)
+    args.repeats = args.repeats or (3 if tiny else 2)
+    if min(args.warmup, args.steps, args.repeats) < 1:
+        p.error("--warmup, --steps and --repeats must be >= 1")
+    if args.images < args.batch_size:
+        p.error(f"--images {args.images} is less than one batch (--batch-size {args.batch_size})")
+    # Tiny matrices gain nothing from a second thread and lose a lot on a busy 2-core machine.
+    torch.set_num_threads(args.threads or (1 if tiny else torch.get_num_threads()))
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    began, load = time.perf_counter(), os.getloadavg()[0]
+
+    figures = measure(args)
+    table = report(figures, args.images)
+    baseline = table[-1][1]
+    print("\n".join(figures.notes))
     print("| run | samples/s | each repeat | vs baseline |")
     print("|---|---|---|---|")
-    for name, speed, each in results:
-        spread = ", ".join(f"{v:.2f}" for v in each)
-        print(f"| {name} | {speed:.2f} | {spread} | {speed / baseline:.2f}x |")
-    print(f"total wall time {time.perf_counter() - began:.0f} s")
+    for name, speed, each in table:
+        print(f"| {name} | {speed:.2f} | {', '.join(f'{v:.2f}' for v in each)} | {speed / baseline:.2f}x |")
+    # Another busy process on a 2-core machine slows every run several times over: say when that was so.
+    print(
+        f"total wall time {time.perf_counter() - began:.0f} s, load average {load:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end"
+    )
     if args.json:
-        figures = {name: speed for name, speed, _ in results} | {"precompute_s": precompute_s, "size": args.size}
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        out = {"size": args.size, "precompute_s": figures.precompute_s, "notes": figures.notes}
+        out["runs"] = [
+            dict(zip(("run", "samples_per_s", "repeats", "vs_baseline"), (*r, r[1] / baseline))) for r in table
+        ]
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

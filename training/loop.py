@@ -85,6 +85,7 @@ class TrainStep(nn.Module):
             pixel_values=None if features is not None else batch["pixel_values"],
             labels=batch["labels"],
             image_features=image_features,
+            supervised_logits_only=True,  # the vocabulary projection only where a label is
         )
         return {"loss": loss}
 
