@@ -1,17 +1,9 @@
 """ChatEngine: the model behind the UI and the API. Conversations, streaming, cancel, a queue; no Gradio.
 
-Concurrency. One set of weights is not safe for simultaneous forward passes (on CPU they would
-also fight over the same cores), so every model call (an image encode, a prefill, one decoded
-token) runs under one FIFO lock that a generation holds for a single step at a time. Up to
-`max_concurrency` generations are admitted and take turns token by token: every admitted reply
-streams, and a long answer does not hold a short one back. Up to `max_queue` more wait in line
-and are told their position; past that a request is refused at once (QueueFull). Each sequence
-is still decoded alone (batch of one, its own KV cache), so an answer never depends on what
-else is running.
-
-Cancel. Every generation owns a threading.Event; `cancel(conv_id)` sets it, the decode loop
-checks it between tokens and stops (the partial reply stays in the conversation, as in any chat
-app); a request still in the queue leaves it without touching the conversation.
+Concurrency and cancel live in app.scheduling: every model call runs under one fair lock held for a
+single step, up to `max_concurrency` admitted replies take turns token by token, up to `max_queue`
+more wait in line (past that: QueueFull), and `cancel(conv_id)` sets the reply's threading.Event
+(the partial reply stays in the conversation; a request still in the queue changes nothing).
 """
 
 from __future__ import annotations
@@ -21,33 +13,22 @@ import json
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from app.scheduling import Admission, ChatError, FairLock, QueueFull, Stream
 from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
 from mllm.image_processing import ImageError, load_image
 from mllm.session import ChatSession
 
-OnQueue = Callable[[int], None]  # called with the 1-based queue position while a request waits
-
-
-class ChatError(ValueError):
-    """A request the user can fix. `code` names the kind; the API turns it into OpenAI's error codes."""
-
-    def __init__(self, message: str, code: str = "invalid_request"):
-        super().__init__(message)
-        self.code = code
-
-
-class QueueFull(ChatError):
-    def __init__(self, message: str):
-        super().__init__(message, "overloaded")
+__all__ = ["ChatEngine", "ChatError", "QueueFull", "Stream", "Turn"]  # QueueFull, Stream: re-exported
 
 
 @contextmanager
@@ -65,134 +46,6 @@ def _user_errors():
         code = "context_length_exceeded" if "over this model's limit" in text else "invalid_request"
         code = "too_many_images" if "this model takes at most" in text else code
         raise ChatError(text, code) from e
-
-
-class FairLock:
-    """A ticket lock: taken in arrival order, so generations alternate token by token (threading.Lock is
-    unfair: the thread that just released it usually takes it straight back)."""
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._next = self._serving = 0
-
-    def __enter__(self):
-        with self._cond:
-            ticket, self._next = self._next, self._next + 1
-            self._cond.wait_for(lambda: self._serving == ticket)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
-class Admission:
-    """A semaphore with a bounded FIFO line: `join` admits or queues (or raises QueueFull), `wait` blocks
-    until admitted or cancelled, `leave` frees the place and admits the next in line."""
-
-    def __init__(self, max_running: int, max_waiting: int):
-        if max_running < 1 or max_waiting < 0:
-            raise ValueError(f"need max_concurrency >= 1 and max_queue >= 0, got {max_running}, {max_waiting}")
-        self.max_running, self.max_waiting = max_running, max_waiting
-        self._cond = threading.Condition()
-        self._running: set[object] = set()
-        self._waiting: deque[object] = deque()
-
-    def join(self, ticket: object) -> None:
-        with self._cond:
-            if len(self._running) < self.max_running and not self._waiting:
-                self._running.add(ticket)
-            elif len(self._waiting) >= self.max_waiting:
-                raise QueueFull(
-                    f"the server is busy: {len(self._running)} replies are being generated and "
-                    f"{len(self._waiting)} are waiting (the limit); try again in a moment"
-                )
-            else:
-                self._waiting.append(ticket)
-
-    def wait(self, ticket: object, cancel: threading.Event, on_queue: OnQueue | None = None) -> bool:
-        """True once admitted; False if cancelled while waiting."""
-        shown = None
-        while True:
-            with self._cond:
-                while ticket in self._waiting and not cancel.is_set() and self._waiting.index(ticket) + 1 == shown:
-                    self._cond.wait(0.25)  # woken by leave() / poke(); the timeout is a safety net
-                if ticket in self._running:
-                    return True
-                if cancel.is_set() or ticket not in self._waiting:
-                    return False
-                shown = self._waiting.index(ticket) + 1
-            if on_queue is not None:
-                on_queue(shown)  # outside the lock: a UI callback may be slow
-
-    def leave(self, ticket: object) -> None:
-        with self._cond:
-            self._running.discard(ticket)
-            if ticket in self._waiting:
-                self._waiting.remove(ticket)
-            while self._waiting and len(self._running) < self.max_running:
-                self._running.add(self._waiting.popleft())
-            self._cond.notify_all()
-
-    def poke(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def counts(self) -> tuple[int, int]:
-        with self._cond:
-            return len(self._running), len(self._waiting)
-
-
-class Stream(Iterator[str]):
-    """One generation: iterate for text pieces. Ending, erroring or `close()` frees its place in the queue.
-
-    Afterwards `finish_reason` says how it ended: "stop", "length" (`complete` only: session turns
-    can't tell it from "stop") or "cancelled"; `complete` also counts `completion_tokens`.
-    """
-
-    def __init__(self, engine: ChatEngine, start: Callable, cancel=None, on_queue=None, on_close=None):
-        self._closed = True  # until admitted: __del__ of a refused stream must not leave() the queue
-        self._engine, self._start, self._on_queue, self._on_close = engine, start, on_queue, on_close
-        self.cancel = cancel or threading.Event()
-        self._pieces: Iterator[str] | None = None
-        self.prompt_tokens = self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        engine._admission.join(self)  # a full queue refuses now, before any reply has started
-        self._closed = False
-
-    def __next__(self) -> str:
-        if self._closed:
-            raise StopIteration
-        try:
-            if self._pieces is None:
-                if not self._engine._admission.wait(self, self.cancel, self._on_queue):
-                    self.finish_reason = "cancelled"
-                    raise StopIteration
-                with self._engine._model_lock, _user_errors():
-                    self._pieces = self._start(self)
-            with self._engine._model_lock:
-                return next(self._pieces)
-        except BaseException as e:  # done, cancelled or failed: this generation is over either way
-            if isinstance(e, StopIteration) and self.finish_reason is None:
-                self.finish_reason = "cancelled" if self.cancel.is_set() else "stop"
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._pieces is not None:
-                self._pieces.close()
-        finally:
-            self._engine._admission.leave(self)
-            if self._on_close is not None:
-                self._on_close(self)
-
-    def __del__(self):
-        self.close()
 
 
 @dataclass(frozen=True)
@@ -406,7 +259,10 @@ class ChatEngine:
                 conv.sources.extend(source for _, source in pictures)
                 return pieces
 
-            stream = Stream(self, start, on_queue=on_queue, on_close=lambda s: self._release(conv, s))
+            release = partial(self._release, conv)
+            stream = Stream(
+                self._admission, self._model_lock, start, on_queue=on_queue, on_close=release, guard=_user_errors
+            )
             conv.active = stream
             return stream
 
@@ -428,7 +284,8 @@ class ChatEngine:
         with self._model_lock, _user_errors():
             encoded = self.model.processor.encode(messages, add_generation_prompt=True)
         gen = gen or self.gen
-        stream = Stream(self, lambda s: self._generate(encoded, gen, s), cancel=cancel, on_queue=on_queue)
+        start = partial(self._generate, encoded, gen)  # called with the Stream
+        stream = Stream(self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors)
         stream.prompt_tokens = len(encoded.input_ids)
         return stream
 
