@@ -41,6 +41,21 @@ def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
+def swap_in(finished: Path, directory: Path) -> None:
+    """Put a fully written `finished` directory at `directory`, replacing what was there.
+
+    Two renames on one filesystem: a crash leaves either the old directory or the new one, never half.
+    """
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(finished, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(finished, directory)
+
+
 def save_pretrained(model: MLLM, directory: str | Path) -> None:
     """Write `model` to `directory` atomically: a crash mid-save leaves any previous checkpoint intact."""
     directory = Path(directory)
@@ -58,14 +73,7 @@ def save_pretrained(model: MLLM, directory: str | Path) -> None:
         elif tune.get("llm") == "full":
             model.llm.save_pretrained(tmp / "llm", safe_serialization=True)
         model.processor.save_pretrained(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,13 +74,9 @@ def replace_dir(finished: Path, out: Path) -> None:
         ours = (out / "mllm_config.json").is_file() or (read_hf_config(out) or {}).get("model_type") == "llava"
         if not out.is_dir() or (any(out.iterdir()) and not ours):
             raise FileExistsError(f"{out} exists and is not a previous mllm output; choose another output directory")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(finished, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(finished, out)
+    from mllm.checkpoint import swap_in  # lazy: mllm.checkpoint imports this module lazily too
+
+    swap_in(finished, out)
 
 
 def forget_key_mapping(model: torch.nn.Module) -> torch.nn.Module:
