@@ -295,7 +295,7 @@ class ChatEngine:
         features = None
         if encoded.images:
             with torch.inference_mode():
-                features = model.get_image_features(processor.pixel_values(encoded.images))  # (n, N_img, D_llm)
+                features = model.encoded_image_features(encoded)  # (n, N_img, D_llm), or None without images
         cache = DynamicCache(config=model.llm.config)
         text = TextStream(processor)
         try:

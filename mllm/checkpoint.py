@@ -10,7 +10,7 @@ image_processor.json    image size / normalisation used in training
 tokenizer files         including the image token
 vision/, llm/           base weights carried by converted checkpoints (`mllm convert`), referenced from
                         mllm_config.json as `./vision` / `./llm`: relative paths resolve against the checkpoint
-qformer_tokenizer/      InstructBLIP's Q-Former tokenizer (its Q-Former reads the instruction too)
+qformer_tokenizer/      the Q-Former's instruction tokenizer, only with connector.qformer_text_input (InstructBLIP)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from mllm.config import SMOLLM2, MLLMConfig
-from mllm.connectors import Connector, build_connector
+from mllm.connectors import build_connector
 from mllm.llm import attach_lora, load_llm
 from mllm.model import MLLM, make_processor, pick_device
+from mllm.processor import QFORMER_TOKENIZER_DIR
 from mllm.vision import build_vision
 
 CONFIG_FILE = "mllm_config.json"
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
 
@@ -91,10 +90,6 @@ def load_pretrained(
     """
     directory = Path(directory)
     config = read_config(directory, quantization)
-    if (directory / QFORMER_TOKENIZER_DIR).is_dir():
-        from mllm.interop.importer import INSTRUCTBLIP_CHAT
-
-        raise ValueError(f"{directory} is an InstructBLIP checkpoint: {INSTRUCTBLIP_CHAT}")
     return assemble_checkpoint(directory, config, device=device, trainable=trainable)
 
 
@@ -131,17 +126,10 @@ def _resolve_paths(config: MLLMConfig, directory: Path) -> MLLMConfig:
 
 
 def assemble_checkpoint(
-    directory: Path,
-    config: MLLMConfig,
-    device: str | None = None,
-    trainable: bool = False,
-    connector_factory: Callable[[int, int, int], Connector] | None = None,
+    directory: Path, config: MLLMConfig, device: str | None = None, trainable: bool = False
 ) -> MLLM:
-    """Build the model of checkpoint `directory` described by `config` (see `read_config`).
-
-    `connector_factory(vision_hidden, vision_tokens, llm_hidden)` replaces `build_connector` for connectors
-    the config can't describe yet (InstructBLIP's instruction-reading Q-Former, see mllm.interop).
-    """
+    """Build the model of checkpoint `directory` described by `config` (see `read_config`)."""
+    qformer_tokenizer = _qformer_tokenizer(directory, config)  # before the weights: fail fast
     device = pick_device(device)
     vision = build_vision(config.vision)
     if (directory / "vision.safetensors").is_file():
@@ -153,10 +141,7 @@ def assemble_checkpoint(
             llm = llm.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     llm_hidden = llm.get_input_embeddings().embedding_dim
-    if connector_factory is not None:
-        connector = connector_factory(vision.hidden_size, vision.num_tokens, llm_hidden)
-    else:
-        connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
+    connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
     connector.load_state_dict(load_file(directory / "connector.safetensors"))
     if config.tokens_per_image is not None and config.tokens_per_image != connector.num_tokens:
         raise ValueError(
@@ -164,8 +149,27 @@ def assemble_checkpoint(
             f"{connector.num_tokens}; the checkpoint's config does not match its weights"
         )
     template = (directory / "template.jinja").read_text()
-    processor = make_processor(config, tokenizer, vision, connector.num_tokens, template)
+    processor = make_processor(config, tokenizer, vision, connector.num_tokens, template, qformer_tokenizer)
     return MLLM(config, vision, connector, llm, processor).place(device).eval()
+
+
+def _qformer_tokenizer(directory: Path, config: MLLMConfig):
+    """The instruction tokenizer of a text-reading Q-Former (`qformer_tokenizer/`), else None."""
+    folder = directory / QFORMER_TOKENIZER_DIR
+    if not config.connector.qformer_text_input:
+        if folder.is_dir():
+            # Converted by an mllm whose config could not say the Q-Former reads text.
+            raise ValueError(
+                f"{directory} has {QFORMER_TOKENIZER_DIR}/ but its connector config lacks qformer_text_input; it "
+                "was converted by an older mllm: convert the InstructBLIP checkpoint again with `mllm convert`"
+            )
+        return None
+    if not folder.is_dir():
+        raise ValueError(
+            f"{directory}: connector.qformer_text_input is set but {QFORMER_TOKENIZER_DIR}/ (the Q-Former's "
+            "instruction tokenizer) is missing; re-save the model with save_pretrained"
+        )
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def _load_base_llm(directory: Path, config: MLLMConfig, device):
@@ -190,7 +194,8 @@ def _replace(cfg, **changes):
 
 
 def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
-    """`default` (the built-in demo model), a checkpoint directory, or a transformers LLaVA / BLIP-2 directory."""
+    """`default` (the built-in demo model), a checkpoint directory, or a transformers LLaVA / BLIP-2 /
+    InstructBLIP directory."""
     if name == "default":
         if (DEMO_DIR / CONFIG_FILE).is_file():
             return load_pretrained(DEMO_DIR, device=device, quantization=quantization)
@@ -202,7 +207,7 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
         return MLLM.build(config, device=device).eval()
     path = Path(name)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
-        # A released transformers LLaVA / BLIP-2 directory, recognised by its config.json (not its name).
+        # A released transformers LLaVA / BLIP-2 / InstructBLIP directory, recognised by its config.json (not its name).
         from mllm.interop.common import detect_format, read_hf_config
 
         if detect_format(path) is not None:

@@ -53,9 +53,14 @@ class VisionConfig:
     """Override the tower's normalisation mean (otherwise read from the tower)."""
     image_std: tuple[float, float, float] | None = None
     """Override the tower's normalisation std (otherwise read from the tower)."""
+    pool: int | None = None
+    """Average-pool the tower's square token grid to `pool` x `pool` tokens (None: keep every token).
+    Fewer image tokens make each LLM step cheaper; the demo model pools its 7x7 grid to 3x3."""
 
     def __post_init__(self) -> None:
         _check_choice("vision", "kind", self.kind, VISION_KINDS)
+        if self.pool is not None:
+            _check_positive("vision", "pool", self.pool)
         _check_choice("vision", "features", self.features, EFFICIENTNET_FEATURES)
         _check_choice("vision", "resize_mode", self.resize_mode, RESIZE_MODES)
         if self.kind == "hf" and not self.path:
@@ -84,10 +89,22 @@ class ConnectorConfig:
     """For `qformer`: a cross-attention to the image every N layers (BLIP-2 uses 2)."""
     vision_norm_eps: float = 1e-5
     """For `qformer`: epsilon of the LayerNorm over the tower's features (BLIP-2's post-layernorm uses 1e-6)."""
+    qformer_text_input: bool = False
+    """For `qformer`: the Q-Former also reads the instruction (InstructBLIP): the text of the user turn holding
+    the image, tokenized by the checkpoint's `qformer_tokenizer/`, attends together with the queries."""
+    qformer_vocab_size: int = 30523
+    """With `qformer_text_input`: rows of the instruction word embeddings (InstructBLIP: BERT's 30522 + [DEC])."""
+    qformer_max_text_positions: int = 512
+    """With `qformer_text_input`: position embeddings, i.e. the longest instruction in Q-Former tokens."""
 
     def __post_init__(self) -> None:
         _check_choice("connector", "kind", self.kind, CONNECTOR_KINDS)
-        for name in ("num_query_tokens", "qformer_layers", "qformer_hidden_size", "qformer_heads"):
+        if not isinstance(self.qformer_text_input, bool):  # `in (False, True)` would let 0 / 1 through
+            raise ValueError(f"connector.qformer_text_input={self.qformer_text_input!r} must be true or false")
+        if self.qformer_text_input and self.kind != "qformer":
+            raise ValueError(f"connector.qformer_text_input=True needs connector.kind='qformer', not {self.kind!r}")
+        names = ("num_query_tokens", "qformer_layers", "qformer_hidden_size", "qformer_heads")
+        for name in names + ("qformer_vocab_size", "qformer_max_text_positions"):
             _check_positive("connector", name, getattr(self, name))
         if self.qformer_hidden_size % self.qformer_heads:
             raise ValueError(

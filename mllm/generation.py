@@ -75,7 +75,8 @@ def stream_ids(
 
     `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
     the cache is extended in place, so after the loop it holds context + new_ids + all yielded
-    tokens but the last.
+    tokens but the last. `image_features` (n_img, N_img, D_llm) are those of the images in `new_ids`,
+    computed by the caller (`model.encoded_image_features`, which passes instructions to a text-reading Q-Former).
     """
     llm, processor = model.llm, model.processor
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
@@ -132,10 +133,8 @@ def stream(
     """Stream the assistant's reply to `messages` as text pieces."""
     gen = gen or GenerationConfig(**gen_kwargs)
     encoded = model.processor.encode(messages, images, add_generation_prompt=True)
-    features = None
-    if encoded.images:
-        with torch.inference_mode():
-            features = model.get_image_features(model.processor.pixel_values(encoded.images))
+    with torch.inference_mode():
+        features = model.encoded_image_features(encoded)  # (n_img, N_img, D_llm) or None; instructions included
     text = TextStream(model.processor)
     for token in stream_ids(model, encoded.input_ids, DynamicCache(config=model.llm.config), [], gen, features, cancel):
         piece = text.push(token)

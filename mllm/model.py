@@ -3,6 +3,8 @@
 The model never sees strings: the processor turns messages into ids where each image occupies
 `tokens_per_image` slots holding `image_token_id`. Here those slots are overwritten with the
 connector's output by `masked_scatter`, after a loud check that slots and features agree.
+A connector that reads text (InstructBLIP's Q-Former) also takes each image's instruction as
+`qformer_input_ids` / `qformer_attention_mask` (n_img, T), made by the processor; other models never need them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from mllm.config import MLLMConfig
 from mllm.connectors import Connector, build_connector
 from mllm.image_processing import ImageProcessor
 from mllm.llm import attach_lora, compute_dtype, load_llm, load_tokenizer
-from mllm.processor import IGNORE_INDEX, Processor
+from mllm.processor import IGNORE_INDEX, Encoded, Processor
 from mllm.templates import resolve_template
 from mllm.vision import VisionTower, build_vision
 
@@ -43,8 +45,11 @@ class MLLM(nn.Module):
         self.tokens_per_image = connector.num_tokens
 
     @classmethod
-    def build(cls, config: MLLMConfig, device: str | torch.device | None = None) -> MLLM:
-        """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured)."""
+    def build(cls, config: MLLMConfig, device: str | torch.device | None = None, qformer_tokenizer=None) -> MLLM:
+        """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured).
+
+        `qformer_tokenizer`: the instruction tokenizer, required when `config.connector.qformer_text_input`.
+        """
         device = pick_device(device)
         vision = build_vision(config.vision)
         llm = load_llm(config.llm, device)
@@ -53,9 +58,8 @@ class MLLM(nn.Module):
         tokenizer = load_tokenizer(config.llm.path)
         llm_hidden = llm.get_input_embeddings().embedding_dim
         connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
-        processor = make_processor(
-            config, tokenizer, vision, connector.num_tokens, resolve_template(config.template, tokenizer)
-        )
+        template = resolve_template(config.template, tokenizer)
+        processor = make_processor(config, tokenizer, vision, connector.num_tokens, template, qformer_tokenizer)
         return cls(config, vision, connector, llm, processor).place(device)
 
     def place(self, device: torch.device) -> MLLM:
@@ -70,18 +74,41 @@ class MLLM(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     # ---- images -------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_img, 3, S, S) -> (n_img, N_img, D_llm)."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(n_img, 3, S, S) -> (n_img, N_img, D_llm); a text-reading connector also needs the (n_img, T) ids."""
         tower_trains = any(p.requires_grad for p in self.vision.parameters()) and self.training
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             features = self.vision(pixel_values.to(self.device))  # (n_img, N_v, D_v)
-        return self.connector(features.to(next(self.connector.parameters()).dtype))
+        features = features.to(next(self.connector.parameters()).dtype)
+        if self.connector.reads_text:
+            return self.connector(features, qformer_input_ids, qformer_attention_mask)
+        if qformer_input_ids is not None:
+            raise ValueError("qformer_input_ids were given but this model's connector reads no instruction text")
+        return self.connector(features)
+
+    def encoded_image_features(self, encoded: Encoded, first: int = 0) -> torch.Tensor | None:
+        """Features of the images of one `processor.encode` result from the `first`-th on (with their
+        instructions when the connector reads text): (n_img - first, N_img, D_llm), or None if there are none."""
+        if len(encoded.images) <= first:
+            return None
+        pixel_values = self.processor.pixel_values(encoded.images[first:])  # (n, 3, S, S)
+        qformer = {}
+        if self.connector.reads_text:
+            qformer = self.processor.qformer_batch(encoded.qformer_ids[first:])  # (n, T) ids and mask
+        return self.get_image_features(pixel_values, **qformer)
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image slots filled: (B, L) -> (B, L, D_llm)."""
         image_mask = input_ids == self.image_token_id  # (B, L)
@@ -89,7 +116,7 @@ class MLLM(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         n_slots = int(image_mask.sum())
         if image_features is None and pixel_values is not None and len(pixel_values):
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_features:
             raise ValueError(
@@ -111,14 +138,18 @@ class MLLM(nn.Module):
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits, loss or None); loss is mean next-token CE over supervised tokens.
 
         Logits are (B, L, V), or with `supervised_logits_only` (training) just the (n_supervised, V)
         rows the loss needs: the vocabulary projection of every other position is skipped.
+        `qformer_input_ids` / `qformer_attention_mask` (n_img, T): each image's instruction (text-reading
+        connectors only; `processor.collate` makes them).
         """
         input_ids = input_ids.to(self.device)
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds = self.embed(input_ids, pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         targets = keep = None
@@ -171,12 +202,30 @@ class MLLM(nn.Module):
 
 
 def make_processor(
-    config: MLLMConfig, tokenizer, vision: VisionTower, tokens_per_image: int, template: str
+    config: MLLMConfig, tokenizer, vision: VisionTower, tokens_per_image: int, template: str, qformer_tokenizer=None
 ) -> Processor:
+    """The processor of a model; `qformer_tokenizer` is required exactly when the connector reads text."""
+    reads_text = config.connector.qformer_text_input
+    if reads_text and qformer_tokenizer is None:
+        raise ValueError(
+            "connector.qformer_text_input is set, so the model needs the Q-Former's tokenizer for the instructions "
+            "(an mllm checkpoint keeps it in qformer_tokenizer/)"
+        )
+    if qformer_tokenizer is not None and not reads_text:
+        raise ValueError("a qformer_tokenizer was given but connector.qformer_text_input is false")
     image_processor = ImageProcessor(
         image_size=vision.image_size,
         image_mean=tuple(vision.image_mean),
         image_std=tuple(vision.image_std),
         resize_mode=config.vision.resize_mode,
     )
-    return Processor(tokenizer, image_processor, template, config.image_token, tokens_per_image, config.max_images)
+    return Processor(
+        tokenizer,
+        image_processor,
+        template,
+        config.image_token,
+        tokens_per_image,
+        config.max_images,
+        qformer_tokenizer=qformer_tokenizer,
+        qformer_max_length=config.connector.qformer_max_text_positions if reads_text else None,
+    )

@@ -6,6 +6,10 @@ String content may carry `<image>` placeholders instead (LLaVA data); their imag
 passed separately, in order. Each placeholder becomes `tokens_per_image` image-token ids.
 Labels keep the assistant spans only (the reply and the template's end-of-turn text, so the
 model learns to stop); everything else is IGNORE_INDEX.
+
+With a `qformer_tokenizer` (an InstructBLIP-style Q-Former that reads text), each image also gets its
+instruction: the text of the message holding it, placeholders removed (what InstructBlipProcessor is given),
+tokenized with the Q-Former's own (BERT) tokenizer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mllm.templates import end_of_turn_text, render
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # checkpoint subfolder of the Q-Former's tokenizer
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Encoded:
     input_ids: torch.Tensor  # (L,) long, image slots hold image_token_id
     labels: torch.Tensor  # (L,) long, IGNORE_INDEX outside assistant spans
     images: list = field(default_factory=list)  # image sources, in placeholder order
+    qformer_ids: list[list[int]] | None = None  # per image: its instruction's Q-Former ids (T_i,); None: no text
 
     @property
     def num_supervised(self) -> int:
@@ -45,6 +51,8 @@ class Processor:
         tokens_per_image: int,
         max_images: int = 8,
         max_length: int | None = None,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        qformer_max_length: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,6 +69,10 @@ class Processor:
             tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.stop_token_ids = self._stop_token_ids()
+        self.qformer_tokenizer = qformer_tokenizer
+        self.qformer_max_length = qformer_max_length  # the Q-Former's position embeddings bound an instruction
+        if qformer_tokenizer is not None and qformer_tokenizer.pad_token_id is None:
+            raise ValueError("the Q-Former tokenizer needs a pad token (BERT's [PAD]) to batch instructions")
 
     # ---- messages -> text -------------------------------------------------------------------
     def _flatten(self, messages: list[dict], images: list | None) -> tuple[list[dict], list]:
@@ -134,6 +146,7 @@ class Processor:
         Over `max_length`: raise (serving) or cut at the end (`truncate`, training), never inside an image.
         """
         flat, sources = self._flatten(messages, images)
+        qformer_ids = self._qformer_ids(flat) if self.qformer_tokenizer is not None else None
         text = render(self.tokenizer, self.template, flat, add_generation_prompt)
         spans = self._supervised_spans(flat, text)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -156,7 +169,23 @@ class Processor:
                     "start a new conversation (reset) or shorten the messages"
                 )
             ids, labels, sources = self._truncate(ids, labels, sources)
-        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), sources)
+            qformer_ids = None if qformer_ids is None else qformer_ids[: len(sources)]
+        return Encoded(
+            torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), sources, qformer_ids
+        )
+
+    def _qformer_ids(self, flat: list[dict]) -> list[list[int]]:
+        """Per image, in placeholder order, the Q-Former ids of the text of the message that holds it."""
+        instructions = []
+        for message in flat:
+            content = message["content"]
+            text = content.replace(self.image_token + "\n", "").replace(self.image_token, "")
+            instructions += [text] * content.count(self.image_token)
+        if not instructions:
+            return []
+        limit = self.qformer_max_length
+        enc = self.qformer_tokenizer(instructions, truncation=limit is not None, max_length=limit)
+        return [list(ids) for ids in enc["input_ids"]]
 
     def _truncate(self, ids: list[int], labels: list[int], sources: list) -> tuple[list, list, list]:
         cut = self.max_length
@@ -181,12 +210,29 @@ class Processor:
             n = len(e.input_ids)
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e.input_ids, e.labels, 1
         sources = [s for e in encoded for s in e.images]
-        return {
+        batch = {
             "input_ids": input_ids,  # (B, L)
             "attention_mask": attention_mask,  # (B, L)
             "labels": labels,  # (B, L)
             "pixel_values": self.pixel_values(sources),  # (n_img, 3, S, S)
         }
+        if self.qformer_tokenizer is not None:
+            batch.update(self.qformer_batch([ids for e in encoded for ids in e.qformer_ids]))
+        return batch
+
+    def qformer_batch(self, qformer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Instructions of n images, right-padded: `qformer_input_ids` / `qformer_attention_mask` (n_img, T).
+
+        Right padding, whatever the tokenizer's side: positions count from the first token, so padding must
+        not shift them (the padded slots are masked out of attention).
+        """
+        longest = max((len(ids) for ids in qformer_ids), default=0)
+        input_ids = torch.full((len(qformer_ids), longest), self.qformer_tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(qformer_ids), longest), dtype=torch.long)
+        for row, ids in enumerate(qformer_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        return {"qformer_input_ids": input_ids, "qformer_attention_mask": mask}  # (n_img, T) each
 
     def __call__(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> dict:
         return self.collate([self.encode(c, add_generation_prompt=add_generation_prompt) for c in conversations])
@@ -208,6 +254,8 @@ class Processor:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
         (directory / "template.jinja").write_text(self.template)
         settings = {
             "image_size": self.image_processor.image_size,

@@ -4,6 +4,9 @@ Each turn renders the whole conversation, finds the longest prefix whose keys/va
 already cached, crops the cache there and prefills only the rest. Re-rendering (instead of
 appending text) keeps the template the single source of truth; the prefix match makes the
 follow-up cost proportional to the new tokens, not to the history.
+
+Image features are computed once, when their turn is sent: an InstructBLIP-style Q-Former reads the text of
+the turn holding the image, and a sent turn never changes (editing one is a rollback and a new turn).
 """
 
 from __future__ import annotations
@@ -51,12 +54,19 @@ class ChatSession:
     def rollback(self, n_messages: int) -> None:
         """Keep the first `n_messages` messages and their images (undo / regenerate / edit).
 
-        The KV cache needs no work here: the next turn's prefix match crops it.
+        The next turn's prefix match crops the KV cache, except where an image was dropped: every image's
+        slots hold the same token id, so a new image (or the same one under a new instruction) in the same
+        place would match the old one's keys/values. The cache is forgotten from the first dropped image on.
         """
         dropped = sum(_image_count(m) for m in self.messages[n_messages:])
         keep = len(self.images) - dropped
         self.messages = self.messages[:n_messages]
         self.images, self._features = self.images[:keep], self._features[:keep]
+        if dropped:
+            slots = [i for i, t in enumerate(self._cached_ids) if t == self.model.image_token_id]
+            first_dropped = keep * self.model.tokens_per_image
+            if first_dropped < len(slots):
+                self._cached_ids = self._cached_ids[: slots[first_dropped]]
 
     def send(
         self,
@@ -71,18 +81,12 @@ class ChatSession:
         # Validate everything before the conversation changes, so a bad turn leaves no trace.
         candidate = self.messages + [{"role": "user", "content": content}]
         encoded = self.model.processor.encode(candidate, self.images + images, add_generation_prompt=True)
-        new_features = self._encode_images(images)
+        with torch.inference_mode():
+            new = self.model.encoded_image_features(encoded, first=len(self.images))  # (n_new, N_img, D_llm)
+        new_features = [] if new is None else list(new)
         self.messages, self.images = candidate, self.images + images
         self._features.extend(new_features)
         return self._reply(encoded.input_ids.tolist(), gen or self.gen, cancel)
-
-    def _encode_images(self, images: list) -> list[torch.Tensor]:
-        if not images:
-            return []
-        processor = self.model.processor
-        with torch.inference_mode():
-            feats = self.model.get_image_features(processor.pixel_values(images))  # (n, N_img, D_llm)
-        return list(feats)
 
     def _reply(self, ids: list[int], gen: GenerationConfig, cancel: threading.Event | None) -> Iterator[str]:
         image_id = self.model.image_token_id

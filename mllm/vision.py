@@ -12,6 +12,8 @@ Kinds (the `vision.kind` config key):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,8 @@ class VisionTower(nn.Module):
     """Per-channel mean (R, G, B) the pixels in [0, 1] are normalised with."""
     image_std: Triple
     """Per-channel std (R, G, B) the pixels in [0, 1] are normalised with."""
+    pool: int | None = None
+    """Side of the pooled token grid (None: the tower's own tokens); set by `build_vision`."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
@@ -63,11 +67,22 @@ class VisionTower(nn.Module):
             )
         # The processor hands over float32 CPU tensors; the tower may live in bf16 on a GPU.
         weight = next(self.parameters())
-        features = self._encode(pixel_values.to(device=weight.device, dtype=weight.dtype))  # (B, N, D_v)
+        features = self._encode(pixel_values.to(device=weight.device, dtype=weight.dtype))  # (B, N_grid, D_v)
+        if self.pool is not None:
+            features = _pool_grid(features, self.pool)  # (B, pool * pool, D_v)
         return features
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _pool_grid(features: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, G*G, D) row-major grid tokens -> (B, side*side, D), each the mean over its region of the grid."""
+    batch, n, dim = features.shape
+    grid = math.isqrt(n)
+    grid_map = features.transpose(1, 2).reshape(batch, dim, grid, grid)  # (B, D, G, G)
+    pooled = F.adaptive_avg_pool2d(grid_map, side)  # (B, D, side, side)
+    return pooled.flatten(2).transpose(1, 2)  # (B, side*side, D), row-major again
 
 
 def _normalisation(cfg: VisionConfig, mean: Triple, std: Triple) -> tuple[Triple, Triple]:
@@ -267,4 +282,15 @@ def build_vision(cfg: VisionConfig) -> VisionTower:
     """The tower named by `cfg.kind`, in float32 on CPU."""
     if cfg.kind not in VISION_TOWERS:
         raise ValueError(f"vision.kind={cfg.kind!r} is unknown; allowed kinds: {', '.join(VISION_TOWERS)}")
-    return VISION_TOWERS[cfg.kind](cfg)
+    tower = VISION_TOWERS[cfg.kind](cfg)
+    if cfg.pool is not None:
+        grid = math.isqrt(tower.num_tokens)
+        if grid * grid != tower.num_tokens:
+            raise ValueError(
+                f"vision.pool={cfg.pool} needs a square token grid, but this tower gives {tower.num_tokens} tokens "
+                "(a kept CLS token? set vision.drop_cls=true)"
+            )
+        if cfg.pool > grid:
+            raise ValueError(f"vision.pool={cfg.pool} is larger than the tower's {grid}x{grid} grid; use 1..{grid}")
+        tower.pool, tower.num_tokens = cfg.pool, cfg.pool * cfg.pool
+    return tower

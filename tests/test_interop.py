@@ -1,5 +1,6 @@
 """Interop: tiny random LLaVA / BLIP-2 / InstructBLIP checkpoints built with transformers, imported into mllm
-and compared with transformers on the same image and prompt; exports reloaded by transformers."""
+and compared with transformers on the same image and prompt; exports reloaded by transformers.
+InstructBLIP's own tests (its Q-Former reads the instruction) are in test_interop_instructblip.py."""
 
 from __future__ import annotations
 
@@ -267,11 +268,6 @@ def blip2_dir(tmp_path_factory):
     return _blip_dir(tmp_path_factory.mktemp("blip2-opt"), "blip2", "opt")
 
 
-@pytest.fixture(scope="module")
-def instructblip_dir(tmp_path_factory):
-    return _blip_dir(tmp_path_factory.mktemp("instructblip-llama"), "instructblip", "llama")
-
-
 def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
     from mllm.checkpoint import load_model
 
@@ -299,38 +295,6 @@ def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
     converted = load_model(str(convert(blip2_dir, tmp_path / "ckpt", source="blip2")), device="cpu")
     _, _, got = _mllm_logits(converted, _user(prompt), [photo])
     assert (got - logits).abs().max() < ATOL
-
-
-def test_instructblip_import_is_exact(instructblip_dir, photo, tmp_path):
-    from mllm.checkpoint import load_model
-    from mllm.interop import InstructBlip, convert
-
-    ib = InstructBlip.from_pretrained(instructblip_dir, device="cpu")
-    hf = InstructBlipForConditionalGeneration.from_pretrained(instructblip_dir).eval()
-    processor = AutoProcessor.from_pretrained(instructblip_dir)
-    inputs = processor(images=photo, text=PROMPT, return_tensors="pt")
-
-    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": PROMPT}]}]
-    enc = ib.model.processor.encode(messages, add_generation_prompt=True)
-    assert enc.input_ids.tolist() == inputs["input_ids"][0].tolist()
-    with torch.no_grad():
-        expected = hf(**inputs).logits[0]
-    logits = ib.logits(messages)
-    assert (logits - expected).abs().max() < ATOL
-    # The instruction matters: another question gives other image features.
-    other = ib.image_features([{"role": "user", "content": "<image>\nhow many objects"}], [photo])
-    assert (other - ib.image_features(messages, [photo])).abs().max() > 1e-3
-
-    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True)
-    assert list(ib.generate_ids(messages, gen=gen)) == _hf_greedy(hf, inputs, hf.config.text_config.eos_token_id)
-
-    # Plain chat can't pass the instruction yet: refused with the way forward, never silently wrong.
-    with pytest.raises(ValueError, match="InstructBlip.from_pretrained"):
-        load_model(str(instructblip_dir))
-    ckpt = convert(instructblip_dir, tmp_path / "ckpt", source="instructblip")
-    with pytest.raises(ValueError, match="InstructBLIP checkpoint"):
-        load_model(str(ckpt))
-    assert (InstructBlip.from_pretrained(ckpt, device="cpu").logits(messages) - logits).abs().max() < ATOL
 
 
 def test_flan_t5_blip2_is_refused(tmp_path):

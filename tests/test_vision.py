@@ -248,3 +248,33 @@ def test_effnet_classifies_real_photos(effnet):
     cat, cup = probs[0, 281:286].sum(), probs[1, [967, 968]].sum()
     assert 281 <= probs[0].argmax() <= 285 and cat > 0.9, f"chelsea: p(cat)={cat:.3f}"
     assert probs[1].argmax() in (967, 968) and cup > 0.8, f"coffee: p(espresso|cup)={cup:.3f}"
+
+
+# ---- token pooling -------------------------------------------------------------------------------
+
+
+def test_pool_averages_grid_regions(effnet):
+    pooled = build_vision(VisionConfig(kind="efficientnet_lite0", features="multiscale", pool=3))
+    assert (pooled.num_tokens, pooled.hidden_size, pooled.pool) == (9, 1728, 3)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        full, tokens = effnet(pixels), pooled(pixels)  # (2, 49, 1728), (2, 9, 1728)
+    assert tokens.shape == (2, 9, 1728)
+    grid = full.reshape(2, 7, 7, 1728)
+    # Row-major cells; adaptive pooling of 7 into 3 takes rows/cols [0, 3), [2, 5), [4, 7).
+    torch.testing.assert_close(tokens[:, 0], grid[:, 0:3, 0:3].mean((1, 2)))
+    torch.testing.assert_close(tokens[:, 5], grid[:, 2:5, 4:7].mean((1, 2)))
+    torch.testing.assert_close(tokens[:, 8], grid[:, 4:7, 4:7].mean((1, 2)))
+
+
+def test_pool_bad_settings_raise(tmp_path):
+    with pytest.raises(ValueError, match="vision.pool=0 must be > 0"):
+        VisionConfig(pool=0)
+    with pytest.raises(ValueError, match="larger than the tower's 7x7 grid"):
+        build_vision(VisionConfig(kind="efficientnet_lite0", pool=8))
+    _save_tiny("clip", tmp_path)
+    with pytest.raises(ValueError, match="square token grid.*drop_cls"):
+        build_vision(VisionConfig(kind="hf", path=str(tmp_path), drop_cls=False, pool=2))
+    tower = build_vision(VisionConfig(kind="hf", path=str(tmp_path), pool=2))  # CLS dropped: a square grid
+    with torch.no_grad():
+        assert tower(torch.randn(1, 3, 30, 30)).shape == (1, 4, 32)

@@ -9,7 +9,8 @@ qformer.layernorm, qformer.encoder       connector.qformer (Blip2QFormerModel)
 language_projection                      connector.proj
 language_model                           llm
 InstructBLIP adds: qformer.embeddings.{word,position}_embeddings -> connector.{word,position}_embeddings,
-qformer.embeddings.layernorm -> connector.qformer.layernorm, and the Q-Former's text feed-forward blocks.
+qformer.embeddings.layernorm -> connector.qformer.layernorm, and the Q-Former's text feed-forward blocks; the
+connector is configured with `qformer_text_input=True` and the processor gets `qformer_tokenizer/`.
 
 Our tower returns `hidden_states[-1]`, the last layer *before* BLIP-2's post_layernorm, so the connector's
 `vision_norm` is exactly that LayerNorm: the imported model computes what transformers computes.
@@ -21,83 +22,18 @@ import dataclasses
 import re
 from pathlib import Path
 
-import torch
-from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig
 
 from mllm.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
 from mllm.connectors import QFormerConnector
 from mllm.interop.common import check_decoder_only, prompt_template, read_tensors
 from mllm.interop.plan import ImportPlan, image_settings
+from mllm.processor import QFORMER_TOKENIZER_DIR
 
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 _TEXT_FFN = re.compile(
     r"\.layer\.\d+\.(intermediate|output)\."
 )  # the text feed-forward (not *_query, not attention.output)
 _OUR_QFORMER_EPS = 1e-12  # Blip2QFormerConfig's default, which our connector builds with
-
-
-class InstructQFormerConnector(QFormerConnector):
-    """A BLIP-2 Q-Former that also reads the instruction (InstructBLIP): its token ids are embedded (word +
-    position), appended after the query tokens, and attend with them; only the query outputs go to the LLM.
-    """
-
-    def __init__(
-        self,
-        cfg: ConnectorConfig,
-        vision_hidden: int,
-        vision_tokens: int,
-        llm_hidden: int,
-        vocab_size: int,
-        max_positions: int,
-        pad_token_id: int | None = 0,
-    ):
-        super().__init__(cfg, vision_hidden, vision_tokens, llm_hidden)
-        # The text tokens go through the Q-Former's text feed-forward blocks, which BLIP-2 drops.
-        self.qformer_config.use_qformer_text_input = True
-        self.qformer = type(self.qformer)(self.qformer_config)
-        self.word_embeddings = nn.Embedding(vocab_size, cfg.qformer_hidden_size, padding_idx=pad_token_id)
-        self.position_embeddings = nn.Embedding(max_positions, cfg.qformer_hidden_size)
-
-    @property
-    def max_positions(self) -> int:
-        return self.position_embeddings.num_embeddings
-
-    def query_features(
-        self,
-        features: torch.Tensor,
-        instruction_ids: torch.Tensor | None = None,
-        instruction_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if instruction_ids is None:
-            raise ValueError(
-                "this InstructBLIP Q-Former reads the instruction as well as the image: pass instruction_ids "
-                "(the Q-Former tokenizer's ids of the text of the turn that carries each image)"
-            )
-        features = self.vision_norm(features)  # (B, N_v, D_v)
-        queries = self.query_tokens.expand(features.shape[0], -1, -1)  # (B, Q, D_q)
-        ids = instruction_ids.to(queries.device)
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        text = self.word_embeddings(ids) + self.position_embeddings(positions)  # (B, T, D_q)
-        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
-        if instruction_mask is not None:
-            mask = instruction_mask.to(ids.device).long()
-        mask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long, device=ids.device), mask], dim=1)
-        out = self.qformer(
-            query_embeds=torch.cat([queries, text.to(queries.dtype)], dim=1),  # (B, Q + T, D_q)
-            query_length=queries.shape[1],
-            attention_mask=mask,
-            encoder_hidden_states=features,
-        )
-        return out.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_q)
-
-    def forward(
-        self,
-        features: torch.Tensor,
-        instruction_ids: torch.Tensor | None = None,
-        instruction_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.proj(self.query_features(features, instruction_ids, instruction_mask))  # (B, Q, D_llm)
 
 
 def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = None) -> ImportPlan:
@@ -127,6 +63,12 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
         qformer_heads=qformer_cfg.num_attention_heads,
         qformer_cross_attention_frequency=qformer_cfg.cross_attention_frequency,
     )
+    if instruct:
+        fields.update(
+            qformer_text_input=True,
+            qformer_vocab_size=qformer_cfg.vocab_size,
+            qformer_max_text_positions=qformer_cfg.max_position_embeddings,
+        )
     if "vision_norm_eps" in {f.name for f in dataclasses.fields(ConnectorConfig)}:
         # Where the config can say it, the epsilon is saved with the checkpoint (otherwise `connector_setup`
         # below sets it on the loaded model only; a converted checkpoint then reloads with PyTorch's 1e-5).
@@ -166,7 +108,14 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
     for name in ("weight", "bias"):
         state[f"qformer.layernorm.{name}"] = tensors[norm + name]
 
-    plan = ImportPlan(
+    qformer_tokenizer = None
+    if instruct:
+        state["word_embeddings.weight"] = tensors["qformer.embeddings.word_embeddings.weight"]
+        state["position_embeddings.weight"] = tensors["qformer.embeddings.position_embeddings.weight"]
+        qformer_tokenizer = AutoTokenizer.from_pretrained(
+            str(path), subfolder=QFORMER_TOKENIZER_DIR, trust_remote_code=False
+        )
+    return ImportPlan(
         fmt=fmt,
         path=path,
         config=config,
@@ -175,29 +124,8 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
         template=jinja,
         connector_state=state,
         connector_setup=lambda connector: _set_vision_norm_eps(connector, vision_cfg.layer_norm_eps),
+        qformer_tokenizer=qformer_tokenizer,
     )
-    if instruct:
-        state["word_embeddings.weight"] = tensors["qformer.embeddings.word_embeddings.weight"]
-        state["position_embeddings.weight"] = tensors["qformer.embeddings.position_embeddings.weight"]
-        plan.extras["qformer_tokenizer"] = AutoTokenizer.from_pretrained(
-            str(path), subfolder=QFORMER_TOKENIZER_DIR, trust_remote_code=False
-        )
-        plan.build_connector = instruct_connector_factory(
-            connector_cfg,
-            state["word_embeddings.weight"].shape,
-            state["position_embeddings.weight"].shape[0],
-            qformer_cfg.pad_token_id,
-        )
-    return plan
-
-
-def instruct_connector_factory(cfg: ConnectorConfig, word_shape, max_positions: int, pad_token_id: int | None):
-    def build(vision_hidden: int, vision_tokens: int, llm_hidden: int) -> InstructQFormerConnector:
-        return InstructQFormerConnector(
-            cfg, vision_hidden, vision_tokens, llm_hidden, int(word_shape[0]), int(max_positions), pad_token_id
-        )
-
-    return build
 
 
 def _set_vision_norm_eps(connector: QFormerConnector, eps: float) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from mllm.checkpoint import QFORMER_TOKENIZER_DIR, save_pretrained
+from mllm.checkpoint import save_pretrained
 from mllm.interop.blip2 import plan_blip2
 from mllm.interop.common import detect_format, forget_key_mapping, quiet_transformers, replace_dir, source_dtype
 from mllm.interop.llava import plan_llava
@@ -23,10 +23,6 @@ from mllm.interop.plan import ImportPlan, assemble
 from mllm.model import MLLM
 
 PLANNERS = {"llava": plan_llava, "blip2": plan_blip2, "instructblip": plan_blip2}
-INSTRUCTBLIP_CHAT = (
-    "InstructBLIP's Q-Former reads the instruction text as well as the image, which mllm's chat pipeline does not "
-    "pass to connectors yet; use `mllm.interop.InstructBlip.from_pretrained(path)` (generate / logits) instead"
-)
 
 
 def plan_import(path: str | Path, template: str | None = None, expect: str | None = None) -> ImportPlan:
@@ -49,10 +45,8 @@ def plan_import(path: str | Path, template: str | None = None, expect: str | Non
 def load_transformers(
     path: str | Path, device: str | None = None, quantization: str | None = None, template: str | None = None
 ) -> MLLM:
-    """An MLLM straight from a LLaVA / BLIP-2 transformers directory (recognised by its config, not its name)."""
+    """An MLLM straight from a LLaVA / BLIP-2 / InstructBLIP transformers directory (recognised by its config)."""
     plan = plan_import(path, template)
-    if plan.fmt == "instructblip":
-        raise ValueError(f"{path}: {INSTRUCTBLIP_CHAT}")
     if quantization is not None:
         llm = dataclasses.replace(plan.config.llm, quantization=quantization)
         plan.config = plan.config.replace(llm=llm)
@@ -76,14 +70,12 @@ def convert(src: str | Path, out: str | Path, source: str | None = None, templat
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.convert-"))
     try:
         ckpt = staging / "ckpt"
-        save_pretrained(model, ckpt)
+        save_pretrained(model, ckpt)  # the processor writes InstructBLIP's qformer_tokenizer/ too
         with quiet_transformers():
             forget_key_mapping(model.vision.model.to(dtype)).save_pretrained(ckpt / "vision", safe_serialization=True)
             AutoImageProcessor.from_pretrained(str(plan.path)).save_pretrained(ckpt / "vision")
             forget_key_mapping(model.llm).save_pretrained(ckpt / "llm", safe_serialization=True)
             plan.tokenizer.save_pretrained(ckpt / "llm")
-            if "qformer_tokenizer" in plan.extras:
-                plan.extras["qformer_tokenizer"].save_pretrained(ckpt / QFORMER_TOKENIZER_DIR)
         replace_dir(ckpt, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

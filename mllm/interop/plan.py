@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,12 +38,10 @@ class ImportPlan:
     """The chat template our processor renders (reproduces the source processor's token layout)."""
     connector_state: dict[str, torch.Tensor]
     """Our connector's state dict, renamed from the source's tensors."""
-    build_connector: Callable[[int, int, int], Connector] | None = None
-    """(vision_hidden, vision_tokens, llm_hidden) -> connector, when `build_connector(config.connector)` won't do."""
     connector_setup: Callable[[Connector], None] | None = None
     """Adjusts the built connector before its weights are loaded (e.g. a LayerNorm epsilon)."""
-    extras: dict = field(default_factory=dict)
-    """Format-specific pieces (InstructBLIP's Q-Former tokenizer)."""
+    qformer_tokenizer: PreTrainedTokenizerBase | None = None
+    """InstructBLIP's Q-Former (BERT) tokenizer for the instructions; None for the other formats."""
 
 
 def assemble(plan: ImportPlan, device: str | torch.device | None = None, llm_dtype: torch.dtype | None = None) -> MLLM:
@@ -53,14 +51,13 @@ def assemble(plan: ImportPlan, device: str | torch.device | None = None, llm_dty
     vision = build_vision(config.vision)
     llm = load_composite_llm(plan.path, plan.fmt, plan.hf_config.text_config, config.llm, device, dtype=llm_dtype)
     llm_hidden = llm.get_input_embeddings().embedding_dim
-    if plan.build_connector is not None:
-        connector = plan.build_connector(vision.hidden_size, vision.num_tokens, llm_hidden)
-    else:
-        connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
+    connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
     if plan.connector_setup is not None:
         plan.connector_setup(connector)
     connector.load_state_dict(plan.connector_state)  # strict: every weight accounted for, no leftovers
-    processor = make_processor(config, plan.tokenizer, vision, connector.num_tokens, plan.template)
+    processor = make_processor(
+        config, plan.tokenizer, vision, connector.num_tokens, plan.template, plan.qformer_tokenizer
+    )
     model = MLLM(config.replace(tokens_per_image=connector.num_tokens), vision, connector, llm, processor)
     return model.place(device).eval()
 
