@@ -10,9 +10,13 @@ cache's precompute is timed on its own. Prints a markdown table of samples/s and
 tower, LLM and initial projector weights (the script checks that both give the same first loss).
 `--size default`: EfficientNet-Lite0 + SmolLM2-135M; Llava has no EfficientNet, so the baseline's tower is
 a random CLIP ViT with the same number of image tokens and about the same FLOPs per image (both printed).
+`--size llava`: LLaVA-1.5's tower architecture (CLIP ViT-L/14 at 224 px, 256 tokens, random weights: no hub
+here) + SmolLM2-135M, the very same weights in both; the tower costs about as much as the LLM, which is
+the case a feature cache exists for.
 
     .venv/bin/python scripts/bench_train.py                  # tiny, ~1.5 min on 2 cores
     .venv/bin/python scripts/bench_train.py --size default   # ~3 min on 2 idle cores
+    .venv/bin/python scripts/bench_train.py --size llava --batch-size 4 --steps 3 --repeats 1   # ~6 min
 """
 
 from __future__ import annotations
@@ -97,6 +101,27 @@ def tiny_config(root: Path) -> MLLMConfig:
     CLIPVisionModel(clip).save_pretrained(clip_dir)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(clip_dir)
     return MLLMConfig(vision=VisionConfig(kind="hf", path=str(clip_dir)), llm=LLMConfig(path=str(llm_dir)))
+
+
+# CLIP ViT-L/14 (openai/clip-vit-large-patch14), LLaVA's tower, at 224 px: 16x16 = 256 patch tokens.
+CLIP_L14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+)
+
+
+def llava_config(root: Path) -> MLLMConfig:
+    """A random CLIP ViT-L/14 tower saved under `root` (CLIP's own preprocessing) + the offline SmolLM2."""
+    clip_dir = root / "clip-vit-l14"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**CLIP_L14)).save_pretrained(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(clip_dir)
+    return MLLMConfig(vision=VisionConfig(kind="hf", path=str(clip_dir)))
 
 
 def build_llava(model: MLLM, vision_config: CLIPVisionConfig, same_tower: bool) -> LlavaForConditionalGeneration:
@@ -257,10 +282,10 @@ class Figures:
 
 
 def measure(args: argparse.Namespace) -> Figures:
-    tiny = args.size == "tiny"
+    same_tower = args.size != "default"  # tiny and llava: the very same tower in both
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        config = tiny_config(workdir) if tiny else MLLMConfig()
+        config = {"tiny": tiny_config, "llava": llava_config}.get(args.size, lambda _: MLLMConfig())(workdir)
         paths = write_dataset(workdir / "data", args.images, seed=0, splits=(("train", 1.0),))
         rows = read_rows(paths["train_captions"], paths["images"])
         total = args.warmup + args.steps
@@ -276,8 +301,8 @@ def measure(args: argparse.Namespace) -> Figures:
             },
         )
         model = build_model(stage, config=config, device="cpu")
-        vision_config = model.vision.model.config if tiny else CLIPVisionConfig(**FLOPS_MATCHED_CLIP)
-        llava = build_llava(model, vision_config, same_tower=tiny)
+        vision_config = model.vision.model.config if same_tower else CLIPVisionConfig(**FLOPS_MATCHED_CLIP)
+        llava = build_llava(model, vision_config, same_tower=same_tower)
         notes = describe(args, model, llava, rows)
 
         # Interleaved repeats, so a neighbour's load on the machine hits every run alike; the cache is
@@ -301,7 +326,7 @@ def measure(args: argparse.Namespace) -> Figures:
 
 def describe(args: argparse.Namespace, model: MLLM, llava: LlavaForConditionalGeneration, rows: list[Row]) -> list[str]:
     """The setup: sizes, sequence lengths and both towers' measured cost (and, tiny, the same-weights check)."""
-    tiny = args.size == "tiny"
+    same_tower = args.size != "default"  # tiny and llava: the very same tower in both
     llm, clip = model.llm.config, llava.config.vision_config
     seq = [len(e.input_ids) for e in ConversationDataset(rows, model.processor)]
     ours = tower_cost(model.vision, model.vision.image_size, args.batch_size)
@@ -316,12 +341,12 @@ def describe(args: argparse.Namespace, model: MLLM, llava: LlavaForConditionalGe
         f"batch {args.batch_size}, max length {args.max_length}, {len(rows)} caption rows, {args.warmup} warm-up + "
         f"{args.steps} timed steps, median of {args.repeats}, fp32, CPU, torch threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}",
-        f"mllm tower: {'CLIP (random)' if tiny else 'EfficientNet-Lite0'}, {count(model.vision)}, "
+        f"mllm tower: {'CLIP (random)' if same_tower else 'EfficientNet-Lite0'}, {count(model.vision)}, "
         f"{ours[0]:.2f} GFLOPs/image, {ours[1]:.1f} ms/image; baseline tower: CLIP ViT "
         f"{clip.num_hidden_layers}x{clip.hidden_size}, patch {clip.patch_size}, {count(llava.model.vision_tower)}, "
         f"{theirs[0]:.2f} GFLOPs/image, {theirs[1]:.1f} ms/image",
     ]
-    if tiny:
+    if same_tower:
         gap = first_loss_gap(model, llava, rows, args.batch_size)
         notes.append(f"same tower, LLM and projector weights in both; first-batch loss gap {gap:.2e}")
     else:
@@ -346,7 +371,9 @@ def report(figures: Figures, rows: int) -> list[tuple[str, float, list[float]]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("tiny", "default"), default="tiny", help="model sizes (see the docstring)")
+    p.add_argument(
+        "--size", choices=("tiny", "default", "llava"), default="tiny", help="model sizes (see the docstring)"
+    )
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: tiny 24, default 6)")
     p.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (tiny 2, default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (no accumulation)")

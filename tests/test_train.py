@@ -3,6 +3,7 @@ and the `mllm train` entry point, on tiny random models and a 16-image shapes wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from mllm.config import LLMConfig
 from mllm.model import MLLM
 from training.data import ConversationDataset, DataError, read_rows
 from training.feature_cache import FeatureCache
-from training.loop import Collator, Samples, TrainStep, train
+from training.loop import Collator, Samples, StepBatches, TrainStep, train
 from training.stages import build_model, load_stage
 from training.synth import write_dataset
 from training.train import main as train_main
@@ -156,6 +157,35 @@ def test_presets_yaml_and_overrides():
     assert stage.gradient_accumulation(1) == 4 and stage.gradient_accumulation(2) == 2
     with pytest.raises(ValueError, match="not divisible by per_device_batch_size=4 x 3"):
         stage.gradient_accumulation(3)
+
+
+def test_length_grouped_batches_are_seeded_complete_and_tight():
+    lengths = [int(x) for x in torch.randint(10, 200, (512,), generator=torch.Generator().manual_seed(0))]
+    stage = load_stage("instruct", {"per_device_batch_size": 4, "global_batch_size": 8})
+    plain = StepBatches(lengths, dataclasses.replace(stage, group_by_length=False), 1, 0, 0, 64)
+    grouped = StepBatches(lengths, stage, 1, 0, 0, 64)  # one epoch: 64 steps of 8 rows
+    epoch = grouped.epoch_batches(0)  # (64, 8)
+    assert sorted(epoch.ravel().tolist()) == list(range(512))  # every row once
+    assert (epoch == StepBatches(lengths, stage, 1, 0, 0, 64).epoch_batches(0)).all()  # seeded
+    assert not (epoch == grouped.epoch_batches(1)).all()  # a new order each epoch
+
+    def padding(batches) -> float:  # padded slots per real token, over the epoch's micro-batches
+        real = sum(lengths[i] for b in batches for i in b)
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / real - 1
+
+    assert padding(list(grouped)) < 0.1 < 0.4 < padding(list(plain))
+    # Rank 1 of 2 gets the second micro-batch of each global batch; the two ranks cover it.
+    ranks = [list(StepBatches(lengths, stage, 2, r, 0, 64)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == epoch.tolist()
+
+
+def test_total_steps_sets_the_schedule_past_one_epoch(run):
+    result, _ = run("out", total_steps=5, epochs=1, max_steps=4)  # 11 rows / 4 a step: 2 steps an epoch
+    assert result.steps == 4 and len(result.losses) == 4
+    with pytest.raises(ValueError, match="past the schedule's end \\(5 steps\\); raise epochs or total_steps"):
+        run("out2", total_steps=5, max_steps=6)
+    with pytest.raises(ValueError, match="total_steps=0 must be > 0"):
+        load_stage("align", {"total_steps": 0})
 
 
 # ---- the loop ------------------------------------------------------------------------------------

@@ -75,10 +75,12 @@ class TrainStep(nn.Module):
             if features is None:
                 features = self.model.vision(batch["pixel_values"])  # (n_img, N_v, D_v)
             return self.objective(features, batch["captions"])
+        # An instruction-reading Q-Former (InstructBLIP) also takes each image's instruction ids.
+        qformer = {key: batch[key] for key in ("qformer_input_ids", "qformer_attention_mask") if key in batch}
         image_features = None
         if features is not None:
             dtype = next(self.model.connector.parameters()).dtype
-            image_features = self.model.connector(features.to(dtype))  # (n_img, N_img, D_llm)
+            image_features = self.model.connector(features.to(dtype), *qformer.values())  # (n_img, N_img, D_llm)
         _, loss = self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -86,6 +88,7 @@ class TrainStep(nn.Module):
             labels=batch["labels"],
             image_features=image_features,
             supervised_logits_only=True,  # the vocabulary projection only where a label is
+            **qformer,
         )
         return {"loss": loss}
 
@@ -100,29 +103,54 @@ def batch_weight(batch: dict) -> int:
 class StepBatches(torch.utils.data.Sampler):
     """This process's micro-batches (lists of row indices) for optimizer steps [start, end).
 
-    Step s takes rows perm_e[i*G:(i+1)*G], e, i = divmod(s, steps_per_epoch), of a permutation seeded
-    by (seed, epoch); micro-batch k of rank r is the slice (k * world + r) of that global batch.
+    Epoch e's global batches come from a permutation seeded by (seed, e): step s takes global batch i
+    of epoch e, e, i = divmod(s, steps_per_epoch), and micro-batch k of rank r is its slice
+    (k * world + r). With `stage.group_by_length`, each run of `GROUP_BATCHES` global batches of the
+    permutation is sorted by row length before it is cut, and the batches are then shuffled (the
+    `group_by_modality_length` idea of LLaVA): rows of one batch have similar lengths, so little of
+    each step is padding. Everything depends on (seed, epoch) only, so `--resume` and DDP see the
+    same batches.
     """
 
-    def __init__(self, num_rows: int, stage: StageConfig, world: int, rank: int, start: int, end: int):
-        self.num_rows, self.stage, self.world, self.rank = num_rows, stage, world, rank
+    GROUP_BATCHES = 16
+
+    def __init__(self, lengths: list[int], stage: StageConfig, world: int, rank: int, start: int, end: int) -> None:
+        self.lengths, self.stage, self.world, self.rank = np.asarray(lengths), stage, world, rank
         self.start, self.end = start, end
         self.accum = stage.gradient_accumulation(world)
-        self.steps_per_epoch = num_rows // stage.global_batch_size
+        self.steps_per_epoch = len(lengths) // stage.global_batch_size
 
     def __len__(self) -> int:
         return (self.end - self.start) * self.accum
 
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(steps_per_epoch, global_batch_size) row indices of one epoch."""
+        rng = np.random.default_rng([self.stage.seed, epoch])
+        size = self.stage.global_batch_size
+        perm = rng.permutation(len(self.lengths))[: self.steps_per_epoch * size]
+        if not self.stage.group_by_length:
+            return perm.reshape(self.steps_per_epoch, size)
+        group = size * self.GROUP_BATCHES
+        runs = [perm[i : i + group] for i in range(0, len(perm), group)]
+        # Longest first inside each run (stable, so ties keep the permutation's order).
+        perm = np.concatenate([run[np.argsort(-self.lengths[run], kind="stable")] for run in runs])
+        return perm.reshape(self.steps_per_epoch, size)[rng.permutation(self.steps_per_epoch)]
+
     def __iter__(self):
-        size, perm, perm_epoch = self.stage.per_device_batch_size, None, -1
+        size, batches, batches_epoch = self.stage.per_device_batch_size, None, -1
         for step in range(self.start, self.end):
             epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = np.random.default_rng([self.stage.seed, epoch]).permutation(self.num_rows), epoch
-            chunk = perm[index * self.stage.global_batch_size : (index + 1) * self.stage.global_batch_size]
+            if epoch != batches_epoch:
+                batches, batches_epoch = self.epoch_batches(epoch), epoch
+            chunk = batches[index]
             for k in range(self.accum):
                 first = (k * self.world + self.rank) * size
                 yield chunk[first : first + size].tolist()
+
+
+def row_length(row: Row, tokens_per_image: int) -> int:
+    """A cheap token-count estimate for length grouping: ~4 characters per token, plus the image slots."""
+    return sum(len(m["content"]) for m in row.messages) // 4 + len(row.images) * tokens_per_image
 
 
 class Samples(torch.utils.data.Dataset):
@@ -244,9 +272,11 @@ def train(
         raise ValueError(
             f"{len(train_rows)} training rows are fewer than one global batch ({size}); lower global_batch_size"
         )
-    total = stage.epochs * steps_per_epoch
+    total = stage.total_steps or stage.epochs * steps_per_epoch
     if stage.max_steps is not None and stage.max_steps > total:
-        raise ValueError(f"max_steps={stage.max_steps} is past the schedule's end ({total} steps); raise epochs")
+        raise ValueError(
+            f"max_steps={stage.max_steps} is past the schedule's end ({total} steps); raise epochs or total_steps"
+        )
     end, warmup = stage.max_steps or total, math.ceil(stage.warmup_ratio * total)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -266,7 +296,9 @@ def train(
     collate = Collator(model.processor, cache, captions=objective is not None)
     loader = torch.utils.data.DataLoader(
         Samples(train_rows, model.processor),
-        batch_sampler=StepBatches(len(train_rows), stage, world, rank, start, end),
+        batch_sampler=StepBatches(
+            [row_length(r, model.tokens_per_image) for r in train_rows], stage, world, rank, start, end
+        ),
         collate_fn=collate,
         num_workers=stage.num_workers,
         generator=torch.Generator().manual_seed(stage.seed),  # never draws from the global RNG

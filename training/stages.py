@@ -68,6 +68,9 @@ class StageConfig:
     only assistant tokens are supervised either way."""
     epochs: int = 1
     """Passes over the data; the LR schedule spans them."""
+    total_steps: int | None = None
+    """Length of the schedule in optimizer steps, overriding `epochs` (the data order wraps into further
+    seeded epochs as needed): how a time-boxed run keeps its full warmup and cosine decay."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: all epochs). It does not change the schedule, so a
     stopped run is a prefix of the full one and `--resume` continues it exactly."""
@@ -87,6 +90,8 @@ class StageConfig:
     """Optimizer steps between validation losses (0: only at the end)."""
     save_every: int = 0
     """Optimizer steps between `checkpoint-STEP/` directories (0: only the final model)."""
+    group_by_length: bool = True
+    """Batch rows of similar length together (less padding; the order stays seeded and resumable)."""
     log_every: int = 1
     """Optimizer steps between lines in metrics.jsonl."""
     gradient_checkpointing: bool = False
@@ -130,6 +135,8 @@ class StageConfig:
         for key in ("eval_every", "save_every", "num_workers", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise ValueError(f"stage {self.name}: {key}={getattr(self, key)} must be >= 0")
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"stage {self.name}: total_steps={self.total_steps} must be > 0 (or None for epochs)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"stage {self.name}: max_steps={self.max_steps} must be > 0 (or None for all epochs)")
         if not 0 <= self.warmup_ratio < 1:

@@ -323,6 +323,11 @@ def split_of(seed: int, index: int, splits: tuple[tuple[str, float], ...]) -> st
     return splits[-1][0]
 
 
+def scene_rng(seed: int, index: int) -> random.Random:
+    """The generator of image `index`: its scene (first draw), then its caption and questions."""
+    return random.Random(int(_unit("scene", seed, index) * 2**53))
+
+
 def write_dataset(
     out_dir: str | Path,
     n: int,
@@ -343,7 +348,7 @@ def write_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list]] = {name: {"": [], "_captions": [], "_qa": []} for name in names}
     for index in range(n):
-        rng = random.Random(int(_unit("scene", seed, index) * 2**53))
+        rng = scene_rng(seed, index)
         scene = make_scene(rng, min_objects=min_objects, max_objects=max_objects)
         cap = caption(scene, rng)
         qas = questions(scene, rng)  # describe answers use the canonical caption
