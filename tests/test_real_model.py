@@ -27,13 +27,14 @@ def cat():
 
 def test_default_model_streams_text_about_an_image(default_model, cat):
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "Hi! Who are you?"}]}
+        {"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "Describe the image."}]}
     ]
+    # A photo is outside the demo model's shapes world: it still answers in its one description format.
     pieces = list(default_model.stream(messages, gen=GenerationConfig(max_new_tokens=24)))
     text = "".join(pieces)
     assert len(pieces) >= 5, pieces  # streamed, not returned at once
     assert sum(c.isalpha() for c in text) > 20, text
-    assert default_model.vision.num_tokens == 49 and default_model.vision.hidden_size == 1728
+    assert default_model.vision.num_tokens == 9 and default_model.vision.hidden_size == 1728  # 7x7 pooled to 3x3
 
 
 def test_real_session_follow_up_matches_reprefill(default_model, cat):
