@@ -16,7 +16,7 @@ the case a feature cache exists for.
 
     .venv/bin/python scripts/bench_train.py                  # tiny, ~1.5 min on 2 cores
     .venv/bin/python scripts/bench_train.py --size default   # ~3 min on 2 idle cores
-    .venv/bin/python scripts/bench_train.py --size llava --batch-size 4 --steps 3 --repeats 1   # ~6 min
+    .venv/bin/python scripts/bench_train.py --size llava --batch-size 4 --steps 3 --repeats 1 --max-length 512
 """
 
 from __future__ import annotations
