@@ -22,8 +22,17 @@ class Connector(nn.Module):
     num_tokens: int
     reads_text: bool = False
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, N_v, D_v) -> (B, N_img, D_llm)
+    def forward(
+        self, features: torch.Tensor, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (B, N_v, D_v) [+ (B, T) instruction ids and mask] -> (B, N_img, D_llm)
         raise NotImplementedError
+
+    def _no_text(self, text_ids: torch.Tensor | None) -> None:
+        """Every connector takes the same arguments; one that reads no text refuses instruction ids."""
+        if text_ids is not None:
+            raise ValueError(
+                f"this {type(self).__name__} reads no instruction text (connector.qformer_text_input is false)"
+            )
 
 
 class LinearConnector(Connector):
@@ -32,7 +41,8 @@ class LinearConnector(Connector):
         self.num_tokens = vision_tokens
         self.proj = nn.Linear(vision_hidden, llm_hidden)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, text_ids=None, text_mask=None) -> torch.Tensor:
+        self._no_text(text_ids)
         return self.proj(features)  # (B, N_v, D_llm)
 
 
@@ -43,7 +53,8 @@ class MLP2xGeluConnector(Connector):
         # Attribute names follow LLaVA-1.5's `mm_projector.{0,2}` so weights map one-to-one.
         self.proj = nn.Sequential(nn.Linear(vision_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, text_ids=None, text_mask=None) -> torch.Tensor:
+        self._no_text(text_ids)
         return self.proj(features)  # (B, N_v, D_llm)
 
 
@@ -91,8 +102,7 @@ class QFormerConnector(Connector):
         queries = self.query_tokens.expand(features.shape[0], -1, -1)  # (B, Q, D_q)
         features = self.vision_norm(features)  # (B, N_v, D_v)
         if not self.reads_text:
-            if text_ids is not None:
-                raise ValueError("this Q-Former reads no instruction text (connector.qformer_text_input is false)")
+            self._no_text(text_ids)
             return self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
         text_ids, text_mask = self._check_text(text_ids, text_mask, features.shape[0], queries.device)
         positions = torch.arange(text_ids.shape[1], device=queries.device)

@@ -85,11 +85,7 @@ class MLLM(nn.Module):
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             features = self.vision(pixel_values.to(self.device))  # (n_img, N_v, D_v)
         features = features.to(next(self.connector.parameters()).dtype)
-        if self.connector.reads_text:
-            return self.connector(features, qformer_input_ids, qformer_attention_mask)
-        if qformer_input_ids is not None:
-            raise ValueError("qformer_input_ids were given but this model's connector reads no instruction text")
-        return self.connector(features)
+        return self.connector(features, qformer_input_ids, qformer_attention_mask)
 
     def encoded_image_features(self, encoded: Encoded, first: int = 0) -> torch.Tensor | None:
         """Features of the images of one `processor.encode` result from the `first`-th on (with their

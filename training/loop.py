@@ -75,8 +75,8 @@ class TrainStep(nn.Module):
             if features is None:
                 features = self.model.vision(batch["pixel_values"])  # (n_img, N_v, D_v)
             return self.objective(features, batch["captions"])
-        # An instruction-reading Q-Former (InstructBLIP) also takes each image's instruction ids.
-        qformer = {key: batch[key] for key in ("qformer_input_ids", "qformer_attention_mask") if key in batch}
+        # An instruction-reading Q-Former (InstructBLIP) also takes each image's instruction ids (n_img, T).
+        qformer = {key: batch.get(key) for key in ("qformer_input_ids", "qformer_attention_mask")}
         image_features = None
         if features is not None:
             dtype = next(self.model.connector.parameters()).dtype
