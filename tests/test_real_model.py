@@ -34,7 +34,7 @@ def test_default_model_streams_text_about_an_image(default_model, cat):
     text = "".join(pieces)
     assert len(pieces) >= 5, pieces  # streamed, not returned at once
     assert sum(c.isalpha() for c in text) > 20, text
-    assert default_model.vision.num_tokens == 9 and default_model.vision.hidden_size == 1728  # 7x7 pooled to 3x3
+    assert default_model.vision.num_tokens == 49 and default_model.vision.hidden_size == 1728  # the whole 7x7 grid
 
 
 def test_real_session_follow_up_matches_reprefill(default_model, cat):
