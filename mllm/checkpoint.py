@@ -16,6 +16,7 @@ qformer_tokenizer/      the Q-Former's instruction tokenizer, only with connecto
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -69,12 +70,21 @@ def save_pretrained(model: MLLM, directory: str | Path) -> None:
             save_file(_state_dict_cpu(model.vision), tmp / "vision.safetensors")
         if tune.get("llm") in ("lora", "qlora"):
             model.llm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            _portable_adapter_config(tmp / "adapter" / "adapter_config.json", config.llm.path)
         elif tune.get("llm") == "full":
             model.llm.save_pretrained(tmp / "llm", safe_serialization=True)
         model.processor.save_pretrained(tmp)
         swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _portable_adapter_config(path: Path, llm_path: str) -> None:
+    """Name the base LLM as the checkpoint's config does, not by this machine's cache path (the loader
+    builds the base from mllm_config.json; the adapter's own field is for people and other tools)."""
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = llm_path
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_pretrained(

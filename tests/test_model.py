@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -152,6 +154,9 @@ def test_save_load_gives_identical_logits(tiny_config, images, tmp_path, tune_ll
         expected, _ = model(**batch)
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / ("adapter" if tune_llm == "lora" else "llm")).is_dir()
+    if tune_llm == "lora":  # the adapter names its base as the config does, not by a local cache path
+        adapter_config = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == config.llm.path
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
     loaded = MLLM.from_pretrained(tmp_path / "ckpt", device="cpu")
     with torch.no_grad():
