@@ -304,6 +304,8 @@ class ChatEngine:
                 piece = text.push(token)
                 if piece:
                     yield piece
+            if tail := text.flush():
+                yield tail
             stream.finish_reason = "length" if stream.completion_tokens >= gen.max_new_tokens else "stop"
         except Cancelled:
             stream.finish_reason = "cancelled"

@@ -121,6 +121,13 @@ class TextStream:
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
 
+    def flush(self) -> str:
+        """The text held back at the end of the reply (a character that never completed shows as U+FFFD,
+        as a one-shot decode of the same ids gives it): nothing generated is dropped."""
+        text = self.processor.decode(self.ids)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
 
 def stream(
     model,
@@ -140,6 +147,8 @@ def stream(
         piece = text.push(token)
         if piece:
             yield piece
+    if tail := text.flush():
+        yield tail
 
 
 def generate(model, messages: list[dict], images: list | None = None, **kwargs) -> str:

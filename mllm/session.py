@@ -112,6 +112,8 @@ class ChatSession:
                 piece = text.push(token)
                 if piece:
                     yield piece
+            if tail := text.flush():
+                yield tail
         except Cancelled:
             pass
         finally:

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from mllm.config import LoraConfig, MLLMConfig
-from mllm.generation import GenerationConfig, stream_ids
+from mllm.generation import GenerationConfig, TextStream, stream_ids
 from mllm.image_processing import ImageError
 from mllm.model import MLLM
 from mllm.processor import IGNORE_INDEX
@@ -180,3 +180,21 @@ def test_supervised_logits_only_gives_the_same_loss(tiny_model, images):
     n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert rows.shape == (n_supervised, full_logits.shape[-1])
     torch.testing.assert_close(fast, full)
+
+
+class _ByteTokenizer:
+    """Ids are UTF-8 bytes: the smallest tokenizer whose tokens can split a character."""
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_a_split_character_and_flushes_the_rest():
+    text = TextStream(_ByteTokenizer())
+    e_acute = "é".encode()  # two bytes, two tokens
+    assert text.push(ord("a")) == "a"
+    assert text.push(e_acute[0]) == ""  # half a character: wait for the rest
+    assert text.push(e_acute[1]) == "é"
+    assert text.push("€".encode()[0]) == ""
+    assert text.flush() == "\ufffd"  # the reply ended mid-character: shown as a one-shot decode shows it
+    assert text.flush() == ""
