@@ -44,7 +44,7 @@ def one_conversation(client: openai.OpenAI, model: str, image_url: str, max_toke
             "role": "user",
             "content": [
                 {"type": "image_url", "image_url": {"url": image_url}},
-                {"type": "text", "text": "Describe the picture: which shapes, which colours, where?"},
+                {"type": "text", "text": "Describe the image."},
             ],
         }
     ]
