@@ -1,5 +1,8 @@
 """Serving: `engine` (ChatEngine: sessions, streaming, cancel, the queue), `ui` (Gradio), `api` (OpenAI HTTP).
 
+Beside them: `scheduling` and `conversation` (the engine's locking / queue and per-conversation state),
+`api_request` and `api_stream` (the API's request parsing / errors and its SSE or JSON replies).
+
 The command-line pieces that `mllm ui` and `mllm api` share live here: the same model flags as
 `mllm chat`, and one-line errors with exit status 2 instead of argparse's usage dump.
 """

@@ -4,31 +4,41 @@ Concurrency and cancel live in app.scheduling: every model call runs under one f
 single step, up to `max_concurrency` admitted replies take turns token by token, up to `max_queue`
 more wait in line (past that: QueueFull), and `cancel(conv_id)` sets the reply's threading.Event
 (the partial reply stays in the conversation; a request still in the queue changes nothing).
+A conversation's state, its history and the LLaVA export writer live in app.conversation.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from app.conversation import (
+    RESERVED,
+    Conversation,
+    Turn,
+    exchanges,
+    image_count,
+    last_user,
+    rollback,
+    text_of,
+    write_llava,
+)
 from app.scheduling import Admission, ChatError, FairLock, QueueFull, Stream
 from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
 from mllm.image_processing import ImageError, load_image
 from mllm.session import ChatSession
 
-__all__ = ["ChatEngine", "ChatError", "QueueFull", "Stream", "Turn"]  # QueueFull, Stream: re-exported
+__all__ = ["ChatEngine", "ChatError", "QueueFull", "Stream", "Turn"]  # all but ChatEngine: re-exported
 
 
 @contextmanager
@@ -48,50 +58,6 @@ def _user_errors():
         raise ChatError(text, code) from e
 
 
-@dataclass(frozen=True)
-class Turn:
-    text: str
-    """What the user typed."""
-    images: list
-    """The images of this turn as the caller gave them (paths for the UI)."""
-    reply: str | None
-    """The assistant's answer; None while it is being generated."""
-
-
-@dataclass
-class _Conversation:
-    session: ChatSession
-    sources: list = field(default_factory=list)  # caller's image sources, aligned with session.images
-    active: object = None  # the running Stream, _RESERVED while a request is being set up, or None
-
-
-_RESERVED = object()
-
-
-def _image_count(message: dict) -> int:
-    content = message["content"]
-    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
-
-
-def _text_of(message: dict) -> str:
-    content = message["content"]
-    return "".join(p["text"] for p in content if p.get("type") == "text") if isinstance(content, list) else content
-
-
-def _last_user(session: ChatSession) -> int:
-    for i in range(len(session.messages) - 1, -1, -1):
-        if session.messages[i]["role"] == "user":
-            return i
-    raise ChatError("there is no message in this conversation yet", "invalid_request")
-
-
-def _rollback(conv: _Conversation, n_messages: int) -> None:
-    """Keep the first `n_messages` messages and their images; the KV cache is cropped on the next turn."""
-    session = conv.session
-    session.rollback(n_messages)
-    conv.sources = conv.sources[: len(session.images)]
-
-
 class ChatEngine:
     def __init__(
         self,
@@ -108,7 +74,7 @@ class ChatEngine:
         self._model_lock = FairLock()
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
         self._idle = threading.Condition(self._lock)
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None, quantization: str | None = None, **kwargs):
@@ -125,15 +91,15 @@ class ChatEngine:
     def new_conversation(self, system: str | None = None) -> str:
         conv_id = uuid.uuid4().hex
         with self._lock:
-            self._conversations[conv_id] = _Conversation(ChatSession(self.model, system=system, gen=self.gen))
+            self._conversations[conv_id] = Conversation(ChatSession(self.model, system=system, gen=self.gen))
             self._evict()
         return conv_id
 
-    def _conversation(self, conv_id: str) -> _Conversation:
+    def _conversation(self, conv_id: str) -> Conversation:
         with self._lock:
             conv = self._conversations.get(conv_id)
             if conv is None:
-                conv = self._conversations[conv_id] = _Conversation(ChatSession(self.model, gen=self.gen))
+                conv = self._conversations[conv_id] = Conversation(ChatSession(self.model, gen=self.gen))
                 self._evict()
             self._conversations.move_to_end(conv_id)
             return conv
@@ -154,15 +120,15 @@ class ChatEngine:
                 self._idle.wait(0.05)
             if conv.active is not None:
                 raise ChatError("a reply is still being generated in this conversation; press Stop first", "busy")
-            conv.active = _RESERVED
+            conv.active = RESERVED
         try:
             yield conv
         finally:
             with self._lock:
-                if conv.active is _RESERVED:
+                if conv.active is RESERVED:
                     conv.active = None
 
-    def _release(self, conv: _Conversation, stream: Stream) -> None:
+    def _release(self, conv: Conversation, stream: Stream) -> None:
         with self._lock:
             if conv.active is stream:
                 conv.active = None
@@ -186,19 +152,7 @@ class ChatEngine:
             self._conversations.pop(conv_id, None)
 
     def history(self, conv_id: str) -> list[Turn]:
-        return [Turn(text, sources, reply) for text, _, sources, reply in self._exchanges(self._conversation(conv_id))]
-
-    def _exchanges(self, conv: _Conversation) -> list[tuple[str, list, list, str | None]]:
-        """(user text, PIL images, caller's sources, reply) per exchange."""
-        out, n = [], 0
-        for message in conv.session.messages:
-            if message["role"] == "user":
-                k = _image_count(message)
-                out.append((_text_of(message), conv.session.images[n : n + k], conv.sources[n : n + k], None))
-                n += k
-            elif message["role"] == "assistant" and out:
-                out[-1] = (*out[-1][:3], message["content"])
-        return out
+        return [Turn(text, sources, reply) for text, _, sources, reply in exchanges(self._conversation(conv_id))]
 
     # ---- turns ----------------------------------------------------------------------------------
     def stream(self, conv_id: str, text: str, images: list | None = None, gen=None, on_queue=None) -> Stream:
@@ -219,25 +173,25 @@ class ChatEngine:
     def edit_last(self, conv_id: str, text: str | None, gen=None, on_queue=None) -> Stream:
         """Replace the last user message's text (same images) and answer it afresh."""
         conv = self._conversation(conv_id)
-        last = conv.session.messages[_last_user(conv.session)]
-        k = _image_count(last)
+        last = conv.session.messages[last_user(conv.session)]
+        k = image_count(last)
         pictures = list(zip(conv.session.images[-k:], conv.sources[-k:])) if k else []
-        return self._turn(conv_id, _text_of(last) if text is None else text, pictures, gen, on_queue, True)
+        return self._turn(conv_id, text_of(last) if text is None else text, pictures, gen, on_queue, True)
 
     def undo(self, conv_id: str) -> tuple[str, list]:
         """Drop the last exchange; returns its text and image sources so a UI can refill its input box."""
         with self._reserved(conv_id) as conv:
-            cut = _last_user(conv.session)
-            k = _image_count(conv.session.messages[cut])
-            text, sources = _text_of(conv.session.messages[cut]), conv.sources[len(conv.sources) - k :]
-            _rollback(conv, cut)
+            cut = last_user(conv.session)
+            k = image_count(conv.session.messages[cut])
+            text, sources = text_of(conv.session.messages[cut]), conv.sources[len(conv.sources) - k :]
+            rollback(conv, cut)
             return text, sources
 
     def _turn(self, conv_id, text, pictures, gen, on_queue, replace_last: bool) -> Stream:
         with self._reserved(conv_id) as conv:
             session = conv.session
-            cut = _last_user(session) if replace_last else len(session.messages)
-            kept = len(session.images) - sum(_image_count(m) for m in session.messages[cut:])
+            cut = last_user(session) if replace_last else len(session.messages)
+            kept = len(session.images) - sum(image_count(m) for m in session.messages[cut:])
             images = [image for image, _ in pictures]
             if kept + len(images) > self.model.processor.max_images:
                 raise ChatError(
@@ -254,7 +208,7 @@ class ChatEngine:
             def start(stream: Stream) -> Iterator[str]:
                 # Runs once admitted: a request cancelled while queued has changed nothing.
                 if replace_last:
-                    _rollback(conv, cut)
+                    rollback(conv, cut)
                 pieces = session.send(text, images, gen or self.gen, stream.cancel)
                 conv.sources.extend(source for _, source in pictures)
                 return pieces
@@ -322,25 +276,11 @@ class ChatEngine:
         needs every answer. Returns the JSON file's path (read it with training.data.read_rows).
         """
         with self._reserved(conv_id) as conv:
-            exchanges = [e for e in self._exchanges(conv) if e[3] and e[3].strip()]
+            answered = [e for e in exchanges(conv) if e[3] and e[3].strip()]
             system = [m["content"] for m in conv.session.messages if m["role"] == "system"]
-        if not exchanges:
+        if not answered:
             raise ChatError("nothing to export yet: ask something and get an answer first")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        row_id = f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        names, turns = [], [{"from": "system", "value": s} for s in system]
-        token = self.model.processor.image_token
-        for text, images, _, reply in exchanges:
-            for image in images:
-                names.append(f"{row_id}-{len(names) + 1}.png")
-                image.save(directory / names[-1])
-            # Same layout as the chat's image parts: one placeholder line per image, then the text.
-            turns.append({"from": "human", "value": f"{token}\n" * len(images) + text})
-            turns.append({"from": "gpt", "value": reply})
-        path = directory / f"{row_id}.json"
-        path.write_text(json.dumps([{"id": row_id, "image": names, "conversations": turns}], indent=2) + "\n")
-        return path
+        return write_llava(directory, answered, system, self.model.processor.image_token)
 
     def info(self) -> dict:
         """What the model panel and /v1/models show."""

@@ -1,0 +1,109 @@
+"""One chat completion's reply over HTTP: stop strings, SSE chunks (`stream=true`) or one JSON body.
+
+The engine's Stream is a blocking iterator (each next() may wait its turn for the model), so it is
+read in worker threads under the server's own limiter; the event loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+
+import anyio
+from fastapi import Request
+
+from app.api_request import ChatRequest
+from app.scheduling import Stream
+
+
+class StopMatcher:
+    """Cuts the text before the first stop string; holds back a tail that may be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.buffer = [s for s in stops if s], ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        self.buffer += piece
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        cut = len(self.buffer) - hold
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+class Completion:
+    """One request's reply, read from the engine's Stream in worker threads (each next() may wait its turn)."""
+
+    def __init__(self, stream: Stream, request: ChatRequest, model_id: str, limiter: anyio.CapacityLimiter):
+        self.stream, self.request, self.model_id, self.limiter = stream, request, model_id, limiter
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        self.matcher = StopMatcher(stops)
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.finish_reason = "stop"
+
+    async def pieces(self):
+        try:
+            while (piece := await anyio.to_thread.run_sync(next, self.stream, None, limiter=self.limiter)) is not None:
+                text, hit = self.matcher.push(piece)
+                if text:
+                    yield text
+                if hit:  # a stop string: stop generating too, not just sending
+                    return
+            if tail := self.matcher.flush():
+                yield tail
+            self.finish_reason = "length" if self.stream.finish_reason == "length" else "stop"
+        finally:
+            self.stream.cancel.set()
+            self.stream.close()
+
+    def usage(self) -> dict:
+        prompt, completion = self.stream.prompt_tokens, self.stream.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _chunk(self, choices: list, **extra) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id}
+        return f"data: {json.dumps({**body, 'choices': choices, **extra})}\n\n"
+
+    async def sse(self):
+        def delta(d: dict, finish: str | None = None) -> list:
+            return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]
+
+        yield self._chunk(delta({"role": "assistant", "content": ""}))
+        try:
+            async with aclosing(self.pieces()) as pieces:  # closed at once when the client goes away
+                async for text in pieces:
+                    yield self._chunk(delta({"content": text}))
+        except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            return
+        yield self._chunk(delta({}, self.finish_reason))
+        if self.request.stream_options is not None and self.request.stream_options.include_usage:
+            yield self._chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
+
+    async def response(self, http: Request) -> dict:
+        text = ""
+        async with aclosing(self.pieces()) as pieces:
+            async for piece in pieces:
+                text += piece
+                if await http.is_disconnected():  # nobody is waiting for the answer any more
+                    break
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model_id,
+            "choices": [choice],
+            "usage": self.usage(),
+        }

@@ -1,0 +1,97 @@
+"""One ChatEngine conversation's state, and reading it back: history, rollback, export to LLaVA JSON.
+
+A conversation is a ChatSession (messages, images, KV cache) plus the caller's image sources
+(paths for the UI), kept aligned with `session.images`. No locking and no model calls here: the
+engine reserves a conversation (`active`) before anything below changes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.scheduling import ChatError
+from mllm.session import ChatSession
+
+Exchange = tuple[str, list, list, str | None]  # (user text, PIL images, caller's sources, reply or None)
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str
+    """What the user typed."""
+    images: list
+    """The images of this turn as the caller gave them (paths for the UI)."""
+    reply: str | None
+    """The assistant's answer; None while it is being generated."""
+
+
+@dataclass
+class Conversation:
+    session: ChatSession
+    sources: list = field(default_factory=list)  # caller's image sources, aligned with session.images
+    active: object = None  # the running Stream, RESERVED while a request is being set up, or None
+
+
+RESERVED = object()
+
+
+def image_count(message: dict) -> int:
+    content = message["content"]
+    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
+
+
+def text_of(message: dict) -> str:
+    content = message["content"]
+    return "".join(p["text"] for p in content if p.get("type") == "text") if isinstance(content, list) else content
+
+
+def last_user(session: ChatSession) -> int:
+    for i in range(len(session.messages) - 1, -1, -1):
+        if session.messages[i]["role"] == "user":
+            return i
+    raise ChatError("there is no message in this conversation yet", "invalid_request")
+
+
+def rollback(conv: Conversation, n_messages: int) -> None:
+    """Keep the first `n_messages` messages and their images; the KV cache is cropped on the next turn."""
+    session = conv.session
+    session.rollback(n_messages)
+    conv.sources = conv.sources[: len(session.images)]
+
+
+def exchanges(conv: Conversation) -> list[Exchange]:
+    """(user text, PIL images, caller's sources, reply) per exchange."""
+    out, n = [], 0
+    for message in conv.session.messages:
+        if message["role"] == "user":
+            k = image_count(message)
+            out.append((text_of(message), conv.session.images[n : n + k], conv.sources[n : n + k], None))
+            n += k
+        elif message["role"] == "assistant" and out:
+            out[-1] = (*out[-1][:3], message["content"])
+    return out
+
+
+def write_llava(directory: str | Path, answered: list[Exchange], system: list[str], image_token: str) -> Path:
+    """Write one LLaVA row (a JSON list of one) with its images as PNG beside it; returns the JSON file's path.
+
+    Every exchange must have its answer (a training row needs them all); the engine filters first.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    row_id = f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    names, turns = [], [{"from": "system", "value": s} for s in system]
+    for text, images, _, reply in answered:
+        for image in images:
+            names.append(f"{row_id}-{len(names) + 1}.png")
+            image.save(directory / names[-1])
+        # Same layout as the chat's image parts: one placeholder line per image, then the text.
+        turns.append({"from": "human", "value": f"{image_token}\n" * len(images) + text})
+        turns.append({"from": "gpt", "value": reply})
+    path = directory / f"{row_id}.json"
+    path.write_text(json.dumps([{"id": row_id, "image": names, "conversations": turns}], indent=2) + "\n")
+    return path
