@@ -4,30 +4,47 @@ It runs on `accelerate` (CPU, one GPU, or DDP / FSDP / DeepSpeed through `accele
 torchrun). The data order is a (seed, epoch)-seeded permutation cut into global batches, so the data
 position is just the optimizer step: resuming needs no sampler state. Every optimizer step's gradient
 is the token-mean over the whole global batch, whatever the split into processes and micro-batches.
+
+Batching and the data order are in `training.loop_batches`, the row checks and the validation loss in
+`training.loop_validation`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from mllm.image_processing import ImageError
 from mllm.model import MLLM
-from mllm.processor import IGNORE_INDEX, Processor
 from training import checkpointing
-from training.data import ConversationDataset, DataError, Row
+from training.data import Row
 from training.feature_cache import FeatureCache
-from training.stages import StageConfig, build_objective, param_groups
+from training.loop_batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
+from training.loop_validation import check_rows, evaluate
+from training.stage_config import StageConfig
+from training.stage_model import build_objective, param_groups
+
+__all__ = [
+    "Collator",
+    "Samples",
+    "StepBatches",
+    "TrainResult",
+    "TrainStep",
+    "batch_weight",
+    "check_rows",
+    "evaluate",
+    "lr_factor",
+    "make_accelerator",
+    "open_feature_cache",
+    "row_length",
+    "train",
+]
 
 
 @dataclass
@@ -93,124 +110,6 @@ class TrainStep(nn.Module):
         return {"loss": loss}
 
 
-def batch_weight(batch: dict) -> int:
-    """What the micro-batch's mean loss averages over: supervised tokens (the MLLM loss) or captions."""
-    if "captions" in batch:
-        return len(batch["captions"])
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """This process's micro-batches (lists of row indices) for optimizer steps [start, end).
-
-    Epoch e's global batches come from a permutation seeded by (seed, e): step s takes global batch i
-    of epoch e, e, i = divmod(s, steps_per_epoch), and micro-batch k of rank r is its slice
-    (k * world + r). With `stage.group_by_length`, each run of `GROUP_BATCHES` global batches of the
-    permutation is sorted by row length before it is cut, and the batches are then shuffled (the
-    `group_by_modality_length` idea of LLaVA): rows of one batch have similar lengths, so little of
-    each step is padding. Everything depends on (seed, epoch) only, so `--resume` and DDP see the
-    same batches.
-    """
-
-    GROUP_BATCHES = 16
-
-    def __init__(self, lengths: list[int], stage: StageConfig, world: int, rank: int, start: int, end: int) -> None:
-        self.lengths, self.stage, self.world, self.rank = np.asarray(lengths), stage, world, rank
-        self.start, self.end = start, end
-        self.accum = stage.gradient_accumulation(world)
-        self.steps_per_epoch = len(lengths) // stage.global_batch_size
-
-    def __len__(self) -> int:
-        return (self.end - self.start) * self.accum
-
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        """(steps_per_epoch, global_batch_size) row indices of one epoch."""
-        rng = np.random.default_rng([self.stage.seed, epoch])
-        size = self.stage.global_batch_size
-        perm = rng.permutation(len(self.lengths))[: self.steps_per_epoch * size]
-        if not self.stage.group_by_length:
-            return perm.reshape(self.steps_per_epoch, size)
-        group = size * self.GROUP_BATCHES
-        runs = [perm[i : i + group] for i in range(0, len(perm), group)]
-        # Longest first inside each run (stable, so ties keep the permutation's order).
-        perm = np.concatenate([run[np.argsort(-self.lengths[run], kind="stable")] for run in runs])
-        return perm.reshape(self.steps_per_epoch, size)[rng.permutation(self.steps_per_epoch)]
-
-    def __iter__(self):
-        size, batches, batches_epoch = self.stage.per_device_batch_size, None, -1
-        for step in range(self.start, self.end):
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != batches_epoch:
-                batches, batches_epoch = self.epoch_batches(epoch), epoch
-            chunk = batches[index]
-            for k in range(self.accum):
-                first = (k * self.world + self.rank) * size
-                yield chunk[first : first + size].tolist()
-
-
-def row_length(row: Row, tokens_per_image: int) -> int:
-    """A cheap token-count estimate for length grouping: ~4 characters per token, plus the image slots."""
-    return sum(len(m["content"]) for m in row.messages) // 4 + len(row.images) * tokens_per_image
-
-
-class Samples(torch.utils.data.Dataset):
-    """Row -> (Encoded, caption); the caption (last answer) feeds objectives that take text, not tokens."""
-
-    def __init__(self, rows: list[Row], processor: Processor):
-        self.rows, self.encoded = rows, ConversationDataset(rows, processor)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        return self.encoded[index], self.rows[index].messages[-1]["content"]
-
-
-@dataclass
-class Collator:
-    processor: Processor
-    cache: FeatureCache | None
-    captions: bool
-
-    def __call__(self, samples: list) -> dict:
-        encoded = [e for e, _ in samples]
-        try:
-            if self.cache is None:
-                batch = self.processor.collate(encoded)  # pixel_values (n_img, 3, S, S)
-            else:  # the tower is frozen: read its output instead of loading pixels
-                batch = self.processor.collate([dataclasses.replace(e, images=[]) for e in encoded])
-                del batch["pixel_values"]
-                batch["vision_features"] = self.cache.get([s for e in encoded for s in e.images])  # (n_img, N_v, D_v)
-        except ImageError as e:
-            raise DataError(str(e)) from e
-        if self.captions:
-            batch["captions"] = [c for _, c in samples]
-        return batch
-
-
-def check_rows(rows: list[Row], processor: Processor, stage: StageConfig, accelerator: Accelerator, split: str):
-    """Encode every row once (split over processes) so a bad row stops the run before step 0, named,
-    on every rank at once; a row whose labels are all masked is an error, never a silent zero loss."""
-    errors, dataset = [], ConversationDataset(rows, processor)
-    for i in range(accelerator.process_index, len(rows), accelerator.num_processes):
-        row = rows[i]
-        answers = sum(m["role"] == "assistant" for m in row.messages)
-        if stage.data == "captions" and (len(row.images) != 1 or answers != 1):
-            errors.append(
-                f"{row.id}: a captions stage needs 1 image and 1 answer per row, got {len(row.images)} and {answers}"
-            )
-            continue
-        try:
-            dataset[i]
-        except DataError as e:
-            errors.append(str(e))
-    if accelerator.num_processes > 1:
-        errors = gather_object(errors)
-    if errors:
-        shown = "\n  ".join(errors[:10])
-        raise DataError(f"{split} data: {len(errors)} bad row(s); run `mllm data validate` for details:\n  {shown}")
-
-
 def open_feature_cache(model, stage, root, rows, accelerator, show_progress) -> FeatureCache | None:
     """A filled cache when the tower is frozen and caching is on; each rank computes a share of the misses."""
     if stage.vision != "frozen" or root is None:
@@ -222,30 +121,6 @@ def open_feature_cache(model, stage, root, rows, accelerator, show_progress) -> 
     cache.precompute(mine, stage.per_device_batch_size, show_progress and accelerator.is_main_process)
     accelerator.wait_for_everyone()
     return cache
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(step_module, samples: Samples, collate: Collator, stage: StageConfig, accelerator: Accelerator) -> float:
-    """Token-weighted mean loss over `samples`; each rank takes every world-th row. Runs the unwrapped
-    module: a DDP forward syncs buffers, which would hang when ranks hold different batch counts."""
-    module = accelerator.unwrap_model(step_module)
-    module.eval()
-    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of loss * weight, sum of weight)
-    for first in range(0, len(mine), stage.per_device_batch_size):
-        batch = collate([samples[i] for i in mine[first : first + stage.per_device_batch_size]])
-        with accelerator.autocast():
-            loss = module(_to(batch, accelerator.device))["loss"]
-        weight = batch_weight(batch)
-        total += torch.stack(
-            [loss.double() * weight, torch.tensor(float(weight), dtype=torch.float64, device=loss.device)]
-        )
-    total = accelerator.reduce(total, "sum")
-    return float(total[0] / total[1])
 
 
 def train(
@@ -323,7 +198,7 @@ def train(
         step_loss = torch.zeros((), device=device)
         for batch, weight in zip(micro, weights):
             with accelerator.accumulate(step_module):  # DDP skips the gradient all-reduce until the last one
-                loss = step_module(_to(batch, device))["loss"]
+                loss = step_module(to_device(batch, device))["loss"]
                 share = weight / global_weight
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the summed
                 # gradient is that of the token mean over the whole global batch.
