@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +46,18 @@ def test_quantized_logits_stay_close_to_full_precision(tiny_config, images):
         with torch.no_grad():
             results[quantization] = model(batch["input_ids"], pixel_values=batch["pixel_values"])[0].softmax(-1)
     assert (results["none"] - results["8bit"]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_load_releases_the_full_precision_file(tiny_llama_dir, tmp_path, quantization):
+    # The unquantized tensors (embeddings, norms) must not stay views of the float32 checkpoint's file
+    # mapping: that kept every page the quantizer read resident, more RSS than loading in float32.
+    import shutil
+
+    from mllm.llm import load_llm
+
+    llm_dir = shutil.copytree(tiny_llama_dir, tmp_path / "llm")  # a path no other test has mapped
+    model = load_llm(LLMConfig(path=str(llm_dir), quantization=quantization), "cpu")
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(llm_dir) in line]
+    assert mapped == []
+    assert torch.isfinite(model.get_input_embeddings().weight).all()
