@@ -251,18 +251,14 @@ class ChatEngine:
             with torch.inference_mode():
                 features = model.encoded_image_features(encoded)  # (n, N_img, D_llm), or None without images
         cache = DynamicCache(config=model.llm.config)
-        text = TextStream(processor)
+        text = TextStream(processor)  # text.ids: the tokens generated so far
         try:
-            for token in stream_ids(model, encoded.input_ids, cache, [], gen, features, stream.cancel):
-                stream.completion_tokens += 1
-                piece = text.push(token)
-                if piece:
-                    yield piece
-            if tail := text.flush():
-                yield tail
-            stream.finish_reason = "length" if stream.completion_tokens >= gen.max_new_tokens else "stop"
+            yield from text.pieces(stream_ids(model, encoded.input_ids, cache, [], gen, features, stream.cancel))
+            stream.finish_reason = "length" if len(text.ids) >= gen.max_new_tokens else "stop"
         except Cancelled:
             stream.finish_reason = "cancelled"
+        finally:
+            stream.completion_tokens = len(text.ids)
 
     @property
     def _max_pixels(self) -> int:

@@ -8,7 +8,7 @@ processors, so temperature / top-p / repetition penalty mean exactly what they m
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,13 +118,22 @@ class TextStream:
         text = self.processor.decode(self.ids)
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        return self._emit(text)
 
     def flush(self) -> str:
         """The text held back at the end of the reply (a character that never completed shows as U+FFFD,
         as a one-shot decode of the same ids gives it): nothing generated is dropped."""
-        text = self.processor.decode(self.ids)
+        return self._emit(self.processor.decode(self.ids))
+
+    def pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """The text of `tokens` piece by piece as they arrive, the held-back tail at the end."""
+        for token in tokens:
+            if piece := self.push(token):
+                yield piece
+        if tail := self.flush():
+            yield tail
+
+    def _emit(self, text: str) -> str:
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
 
@@ -142,13 +151,8 @@ def stream(
     encoded = model.processor.encode(messages, images, add_generation_prompt=True)
     with torch.inference_mode():
         features = model.encoded_image_features(encoded)  # (n_img, N_img, D_llm) or None; instructions included
-    text = TextStream(model.processor)
-    for token in stream_ids(model, encoded.input_ids, DynamicCache(config=model.llm.config), [], gen, features, cancel):
-        piece = text.push(token)
-        if piece:
-            yield piece
-    if tail := text.flush():
-        yield tail
+    tokens = stream_ids(model, encoded.input_ids, DynamicCache(config=model.llm.config), [], gen, features, cancel)
+    yield from TextStream(model.processor).pieces(tokens)
 
 
 def generate(model, messages: list[dict], images: list | None = None, **kwargs) -> str:

@@ -104,23 +104,18 @@ class ChatSession:
         features = torch.stack(pending) if pending else None
         self.last_prefill_tokens = len(ids) - keep
         new_ids = torch.tensor(ids[keep:], dtype=torch.long)
-        text = TextStream(self.model.processor)
-        generated: list[int] = []
+        text = TextStream(self.model.processor)  # text.ids: the tokens generated so far
         try:
-            for token in stream_ids(self.model, new_ids, self._cache, self._cached_ids, gen, features, cancel):
-                generated.append(token)
-                piece = text.push(token)
-                if piece:
-                    yield piece
-            if tail := text.flush():
-                yield tail
+            yield from text.pieces(
+                stream_ids(self.model, new_ids, self._cache, self._cached_ids, gen, features, cancel)
+            )
         except Cancelled:
             pass
         finally:
             # Whatever happened (done, cancelled, caller stopped reading), the cache length says
             # exactly which of prompt + generated tokens have keys/values.
-            self._cached_ids = (ids + generated)[: self._cache.get_seq_length()]
-            self.messages.append({"role": "assistant", "content": self.model.processor.decode(generated)})
+            self._cached_ids = (ids + text.ids)[: self._cache.get_seq_length()]
+            self.messages.append({"role": "assistant", "content": self.model.processor.decode(text.ids)})
 
     def ask(self, text: str, images: list | None = None, **kwargs) -> str:
         return "".join(self.send(text, images, **kwargs))

@@ -23,12 +23,11 @@ import tempfile
 import time
 
 import torch
+from bench_infer import bench_mllm  # scripts/ is on sys.path when a script runs
 from PIL import Image
-from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
 from mllm.checkpoint import load_model
-from mllm.generation import GenerationConfig, stream_ids
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -46,19 +45,10 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def speed(model, input_ids, features, n_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms, decode tokens/s), medians over `repeats`."""
-    gen = GenerationConfig(max_new_tokens=n_tokens, ignore_eos=True)
-    prefill, decode = [], []
-    for _ in range(repeats + 1):  # the first run warms up
-        t0 = time.perf_counter()
-        it = stream_ids(model, input_ids, DynamicCache(config=model.llm.config), [], gen, features)
-        next(it)
-        t1 = time.perf_counter()
-        rest = sum(1 for _ in it)
-        t2 = time.perf_counter()
-        prefill.append((t1 - t0) * 1e3)
-        decode.append(rest / (t2 - t1))
-    return statistics.median(prefill[1:]), statistics.median(decode[1:])
+    """(prefill ms, decode tokens/s), medians over `repeats`, timed exactly as bench_infer times mllm."""
+    bench_mllm(model, input_ids, features, 4)  # warm-up
+    runs = [bench_mllm(model, input_ids, features, n_tokens) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs) * 1e3, statistics.median(r[2] for r in runs)
 
 
 def measure(args) -> dict:
