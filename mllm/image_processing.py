@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mllm.config import RESIZE_MODES
+from mllm.errors import ImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -26,10 +27,6 @@ ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image
 # Modes that carry an alpha channel; "transparency" in `img.info` (P, L, RGB with a tRNS chunk) is handled too.
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-class ImageError(ValueError):
-    """An image that cannot be used. The message is one line: `<name>: <problem>; <fix>`."""
 
 
 def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mllm.errors import ContextLengthError, MessageError, TooManyImagesError
 from mllm.image_processing import ImageProcessor
 from mllm.templates import end_of_turn_text, render
 
@@ -78,13 +79,13 @@ class Processor:
     def _flatten(self, messages: list[dict], images: list | None) -> tuple[list[dict], list]:
         """String-content messages for the template, plus the image sources in placeholder order."""
         if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+            raise MessageError("messages must be a non-empty list of {'role', 'content'} dicts")
         flat, inline = [], []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
+                raise MessageError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
             if message["role"] not in ROLES:
-                raise ValueError(f"message {i} has role {message['role']!r}; allowed: {', '.join(ROLES)}")
+                raise MessageError(f"message {i} has role {message['role']!r}; allowed: {', '.join(ROLES)}")
             content = message["content"]
             if isinstance(content, list):
                 pieces = []
@@ -97,22 +98,24 @@ class Processor:
                         if part.get("image") is not None:
                             inline.append(part["image"])
                     else:
-                        raise ValueError(f"message {i} has a content part of unknown type {kind!r}; use text or image")
+                        raise MessageError(
+                            f"message {i} has a content part of unknown type {kind!r}; use text or image"
+                        )
                 content = "".join(pieces).rstrip("\n") if pieces else ""
             elif not isinstance(content, str):
-                raise ValueError(f"message {i} content must be a string or a list of parts")
+                raise MessageError(f"message {i} content must be a string or a list of parts")
             flat.append({"role": message["role"], "content": content})
         if inline and images:
-            raise ValueError("give images either inline in the messages or through `images`, not both")
+            raise MessageError("give images either inline in the messages or through `images`, not both")
         sources = inline or list(images or [])
         placeholders = sum(m["content"].count(self.image_token) for m in flat)
         if placeholders != len(sources):
-            raise ValueError(
+            raise MessageError(
                 f"the conversation has {placeholders} {self.image_token} placeholder(s) but {len(sources)} image(s); "
                 f"each image needs exactly one {self.image_token} (or image part) in the text"
             )
         if len(sources) > self.max_images:
-            raise ValueError(
+            raise TooManyImagesError(
                 f"the conversation has {len(sources)} images; this model takes at most {self.max_images} "
                 "(start a new conversation, or raise max_images in mllm_config.json)"
             )
@@ -164,7 +167,7 @@ class Processor:
                 labels.append(token_id if supervised else IGNORE_INDEX)
         if self.max_length is not None and len(ids) > self.max_length:
             if not truncate:
-                raise ValueError(
+                raise ContextLengthError(
                     f"the conversation is {len(ids)} tokens, over this model's limit of {self.max_length}; "
                     "start a new conversation (reset) or shorten the messages"
                 )

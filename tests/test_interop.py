@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, build_tokenizer
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from mllm.generation import GenerationConfig, stream_ids
+from mllm.tiny import CORPUS, build_tokenizer
 
 # llava-hf/llava-1.5-7b-hf's processor template: list content, images first, "USER: ... ASSISTANT:".
 LLAVA_TEMPLATE = (
