@@ -1,7 +1,8 @@
 """Generation: prefill once, then decode token by token from the KV cache, as an iterator.
 
-`stream_ids` is the one decode loop; `stream` / `generate` wrap it for a single request and
-`ChatSession` (mllm.session) reuses the cache across turns. Sampling uses transformers' logits
+`stream_ids` is the one decode loop and `Reply` the one recipe around it (prompt ids + image features ->
+cache -> tokens -> text); `stream` / `generate` use it for a single request and `ChatSession`
+(mllm.session) to reuse the cache across turns. Sampling uses transformers' logits
 processors, so temperature / top-p / repetition penalty mean exactly what they mean there.
 """
 
@@ -19,6 +20,8 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
+
+from mllm.processor import Encoded
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def stream_ids(
     `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
     the cache is extended in place, so after the loop it holds context + new_ids + all yielded
     tokens but the last. `image_features` (n_img, N_img, D_llm) are those of the images in `new_ids`,
-    computed by the caller (`model.encoded_image_features`, which passes instructions to a text-reading Q-Former).
+    computed by the caller (`image_features`, which passes instructions to a text-reading Q-Former).
     """
     llm, processor = model.llm, model.processor
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
@@ -138,6 +141,66 @@ class TextStream:
         return piece
 
 
+@torch.inference_mode()
+def image_features(model, encoded: Encoded, first: int = 0) -> torch.Tensor | None:
+    """Features of `encoded`'s images from the `first`-th on: (n_img - first, N_img, D_llm), or None.
+
+    The processor turns the images (and, for a text-reading Q-Former, their instructions) into tensors;
+    the model only sees those.
+    """
+    inputs = model.processor.image_inputs(encoded, first)
+    return None if inputs is None else model.get_image_features(**inputs)
+
+
+class Reply(Iterator[str]):
+    """One assistant reply, decoded on top of `cache`: iterate for its text pieces.
+
+    The decode recipe every caller shares (`stream`, `ChatSession`, the engine, the benchmarks): prefill
+    `new_ids` with `features` in their image slots, stream tokens (`stream_ids`), detokenize them
+    (`TextStream`). Afterwards `ids` holds the generated token ids and `finish_reason` says how it ended:
+    "stop" (a stop token), "length" (`max_new_tokens`) or "cancelled" (the event was set; the text so far
+    stands). `context_ids` are the ids already in `cache`.
+    """
+
+    def __init__(
+        self,
+        model,
+        new_ids: torch.Tensor,
+        gen: GenerationConfig,
+        cache: DynamicCache | None = None,
+        context_ids: list[int] | None = None,
+        features: torch.Tensor | None = None,
+        cancel: threading.Event | None = None,
+    ):
+        self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
+        self.finish_reason: str | None = None
+        self._text = TextStream(model.processor)
+        tokens = stream_ids(model, new_ids, self.cache, context_ids or [], gen, features, cancel)
+        self._pieces = self._run(tokens, gen.max_new_tokens)
+
+    @property
+    def ids(self) -> list[int]:
+        return self._text.ids
+
+    def _run(self, tokens: Iterator[int], max_new_tokens: int) -> Iterator[str]:
+        try:
+            yield from self._text.pieces(tokens)
+            self.finish_reason = "length" if len(self.ids) >= max_new_tokens else "stop"
+        except Cancelled:
+            self.finish_reason = "cancelled"
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+def reply(model, encoded: Encoded, gen: GenerationConfig, cancel: threading.Event | None = None) -> Reply:
+    """The reply to one encoded prompt (`processor.encode(..., add_generation_prompt=True)`), from a fresh cache."""
+    return Reply(model, encoded.input_ids, gen, features=image_features(model, encoded), cancel=cancel)
+
+
 def stream(
     model,
     messages: list[dict],
@@ -146,14 +209,11 @@ def stream(
     cancel: threading.Event | None = None,
     **gen_kwargs,
 ) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` as text pieces."""
+    """Stream the assistant's reply to `messages` as text pieces (a cancelled reply ends early)."""
     gen = gen or GenerationConfig(**gen_kwargs)
-    encoded = model.processor.encode(messages, images, add_generation_prompt=True)
-    with torch.inference_mode():
-        features = model.encoded_image_features(encoded)  # (n_img, N_img, D_llm) or None; instructions included
-    tokens = stream_ids(model, encoded.input_ids, DynamicCache(config=model.llm.config), [], gen, features, cancel)
-    yield from TextStream(model.processor).pieces(tokens)
+    yield from reply(model, model.processor.encode(messages, images, add_generation_prompt=True), gen, cancel)
 
 
 def generate(model, messages: list[dict], images: list | None = None, **kwargs) -> str:
+    """The whole reply to `messages` as one string."""
     return "".join(stream(model, messages, images, **kwargs))

@@ -202,6 +202,16 @@ class Processor:
     def pixel_values(self, sources: list) -> torch.Tensor:  # (n_img, 3, S, S)
         return self.image_processor(sources)
 
+    def image_inputs(self, encoded: Encoded, first: int = 0) -> dict[str, torch.Tensor] | None:
+        """The model's image inputs for `encoded`'s images from the `first`-th on, or None if there are none:
+        `pixel_values` (n, 3, S, S) and, for a text-reading Q-Former, each image's instruction (n, T)."""
+        if len(encoded.images) <= first:
+            return None
+        inputs = {"pixel_values": self.pixel_values(encoded.images[first:])}
+        if self.qformer_tokenizer is not None:
+            inputs.update(self.qformer_batch(encoded.qformer_ids[first:]))
+        return inputs
+
     def collate(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad a batch; pixel_values concatenated in row-major placeholder order."""
         longest = max(len(e.input_ids) for e in encoded)

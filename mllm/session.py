@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import torch
 from transformers import DynamicCache
 
-from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
+from mllm.errors import MessageError
+from mllm.generation import GenerationConfig, Reply, image_features
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,11 +29,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _image_count(message: dict) -> int:
+def image_count(message: dict) -> int:
+    """How many images a message carries (assistant replies and system prompts have string content: none)."""
     content = message["content"]
-    if isinstance(content, str):
-        return 0  # assistant replies and system prompts carry no images
-    return sum(1 for part in content if part.get("type") == "image")
+    return sum(1 for part in content if part.get("type") == "image") if isinstance(content, list) else 0
+
+
+def text_of(message: dict) -> str:
+    """A message's text, without its image parts."""
+    content = message["content"]
+    return "".join(p["text"] for p in content if p.get("type") == "text") if isinstance(content, list) else content
 
 
 class ChatSession:
@@ -58,7 +64,7 @@ class ChatSession:
         slots hold the same token id, so a new image (or the same one under a new instruction) in the same
         place would match the old one's keys/values. The cache is forgotten from the first dropped image on.
         """
-        dropped = sum(_image_count(m) for m in self.messages[n_messages:])
+        dropped = sum(image_count(m) for m in self.messages[n_messages:])
         keep = len(self.images) - dropped
         self.messages = self.messages[:n_messages]
         self.images, self._features = self.images[:keep], self._features[:keep]
@@ -67,6 +73,13 @@ class ChatSession:
             first_dropped = keep * self.model.tokens_per_image
             if first_dropped < len(slots):
                 self._cached_ids = self._cached_ids[: slots[first_dropped]]
+
+    def last_user_index(self) -> int:
+        """Index in `messages` of the last user turn (what regenerate / edit / undo act on)."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i]["role"] == "user":
+                return i
+        raise MessageError("there is no message in this conversation yet")
 
     def send(
         self,
@@ -81,8 +94,7 @@ class ChatSession:
         # Validate everything before the conversation changes, so a bad turn leaves no trace.
         candidate = self.messages + [{"role": "user", "content": content}]
         encoded = self.model.processor.encode(candidate, self.images + images, add_generation_prompt=True)
-        with torch.inference_mode():
-            new = self.model.encoded_image_features(encoded, first=len(self.images))  # (n_new, N_img, D_llm)
+        new = image_features(self.model, encoded, first=len(self.images))  # (n_new, N_img, D_llm) or None
         new_features = [] if new is None else list(new)
         self.messages, self.images = candidate, self.images + images
         self._features.extend(new_features)
@@ -104,18 +116,14 @@ class ChatSession:
         features = torch.stack(pending) if pending else None
         self.last_prefill_tokens = len(ids) - keep
         new_ids = torch.tensor(ids[keep:], dtype=torch.long)
-        text = TextStream(self.model.processor)  # text.ids: the tokens generated so far
+        reply = Reply(self.model, new_ids, gen, self._cache, self._cached_ids, features, cancel)
         try:
-            yield from text.pieces(
-                stream_ids(self.model, new_ids, self._cache, self._cached_ids, gen, features, cancel)
-            )
-        except Cancelled:
-            pass
+            yield from reply
         finally:
             # Whatever happened (done, cancelled, caller stopped reading), the cache length says
             # exactly which of prompt + generated tokens have keys/values.
-            self._cached_ids = (ids + text.ids)[: self._cache.get_seq_length()]
-            self.messages.append({"role": "assistant", "content": self.model.processor.decode(text.ids)})
+            self._cached_ids = (ids + reply.ids)[: self._cache.get_seq_length()]
+            self.messages.append({"role": "assistant", "content": self.model.processor.decode(reply.ids)})
 
     def ask(self, text: str, images: list | None = None, **kwargs) -> str:
         return "".join(self.send(text, images, **kwargs))
