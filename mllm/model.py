@@ -14,24 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.config import MLLMConfig
-from mllm.connectors import Connector, build_connector
-from mllm.image_processing import ImageProcessor
-from mllm.llm import attach_lora, compute_dtype, load_llm, load_tokenizer
-from mllm.processor import IGNORE_INDEX, Encoded, Processor
-from mllm.templates import resolve_template
-from mllm.vision import VisionTower, build_vision
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but CUDA is not available; use --device cpu")
-    return device
+from mllm.connectors import Connector
+from mllm.errors import MessageError
+from mllm.llm import compute_dtype
+from mllm.processor import IGNORE_INDEX, Processor
+from mllm.vision import VisionTower
 
 
 class MLLM(nn.Module):
+    """The three components and the processor that feeds them; `mllm.assembly.assemble` puts them together."""
+
     def __init__(
         self, config: MLLMConfig, vision: VisionTower, connector: Connector, llm: nn.Module, processor: Processor
     ):
@@ -43,24 +35,6 @@ class MLLM(nn.Module):
         self.processor = processor
         self.image_token_id = processor.image_token_id
         self.tokens_per_image = connector.num_tokens
-
-    @classmethod
-    def build(cls, config: MLLMConfig, device: str | torch.device | None = None, qformer_tokenizer=None) -> MLLM:
-        """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured).
-
-        `qformer_tokenizer`: the instruction tokenizer, required when `config.connector.qformer_text_input`.
-        """
-        device = pick_device(device)
-        vision = build_vision(config.vision)
-        llm = load_llm(config.llm, device)
-        if config.llm.lora is not None:
-            llm = attach_lora(llm, config.llm.lora)
-        tokenizer = load_tokenizer(config.llm.path)
-        llm_hidden = llm.get_input_embeddings().embedding_dim
-        connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
-        template = resolve_template(config.template, tokenizer)
-        processor = make_processor(config, tokenizer, vision, connector.num_tokens, template, qformer_tokenizer)
-        return cls(config, vision, connector, llm, processor).place(device)
 
     def place(self, device: torch.device) -> MLLM:
         """Tower and connector follow the LLM's device and compute dtype (they are never quantized)."""
@@ -87,17 +61,6 @@ class MLLM(nn.Module):
         features = features.to(next(self.connector.parameters()).dtype)
         return self.connector(features, qformer_input_ids, qformer_attention_mask)
 
-    def encoded_image_features(self, encoded: Encoded, first: int = 0) -> torch.Tensor | None:
-        """Features of the images of one `processor.encode` result from the `first`-th on (with their
-        instructions when the connector reads text): (n_img - first, N_img, D_llm), or None if there are none."""
-        if len(encoded.images) <= first:
-            return None
-        pixel_values = self.processor.pixel_values(encoded.images[first:])  # (n, 3, S, S)
-        qformer = {}
-        if self.connector.reads_text:
-            qformer = self.processor.qformer_batch(encoded.qformer_ids[first:])  # (n, T) ids and mask
-        return self.get_image_features(pixel_values, **qformer)
-
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -115,7 +78,7 @@ class MLLM(nn.Module):
             image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_features:
-            raise ValueError(
+            raise MessageError(
                 f"image token slots ({n_slots}) and image features ({n_features}) differ: the text has "
                 f"{n_slots / self.tokens_per_image:g} image placeholder(s) of {self.tokens_per_image} tokens but "
                 f"{0 if image_features is None else image_features.shape[0]} image(s) were given"
@@ -173,55 +136,3 @@ class MLLM(nn.Module):
                     logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
                 )
         return logits, loss
-
-    # ---- generation (see mllm.generation) ----------------------------------------------------
-    def generate(self, messages: list[dict], images: list | None = None, **kwargs) -> str:
-        from mllm.generation import generate
-
-        return generate(self, messages, images, **kwargs)
-
-    def stream(self, messages: list[dict], images: list | None = None, **kwargs):
-        from mllm.generation import stream
-
-        return stream(self, messages, images, **kwargs)
-
-    def save_pretrained(self, directory) -> None:
-        from mllm.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> MLLM:
-        from mllm.checkpoint import load_pretrained
-
-        return load_pretrained(directory, **kwargs)
-
-
-def make_processor(
-    config: MLLMConfig, tokenizer, vision: VisionTower, tokens_per_image: int, template: str, qformer_tokenizer=None
-) -> Processor:
-    """The processor of a model; `qformer_tokenizer` is required exactly when the connector reads text."""
-    reads_text = config.connector.qformer_text_input
-    if reads_text and qformer_tokenizer is None:
-        raise ValueError(
-            "connector.qformer_text_input is set, so the model needs the Q-Former's tokenizer for the instructions "
-            "(an mllm checkpoint keeps it in qformer_tokenizer/)"
-        )
-    if qformer_tokenizer is not None and not reads_text:
-        raise ValueError("a qformer_tokenizer was given but connector.qformer_text_input is false")
-    image_processor = ImageProcessor(
-        image_size=vision.image_size,
-        image_mean=tuple(vision.image_mean),
-        image_std=tuple(vision.image_std),
-        resize_mode=config.vision.resize_mode,
-    )
-    return Processor(
-        tokenizer,
-        image_processor,
-        template,
-        config.image_token,
-        tokens_per_image,
-        config.max_images,
-        qformer_tokenizer=qformer_tokenizer,
-        qformer_max_length=config.connector.qformer_max_text_positions if reads_text else None,
-    )

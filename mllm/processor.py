@@ -19,15 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mllm.errors import ContextLengthError, MessageError, TooManyImagesError
+from mllm.config import CONFIG_FILE, MLLMConfig
+from mllm.errors import CheckpointError, ContextLengthError, MessageError, TooManyImagesError
 from mllm.image_processing import ImageProcessor
 from mllm.templates import end_of_turn_text, render
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # checkpoint subfolder of the Q-Former's tokenizer
+TEMPLATE_FILE = "template.jinja"
+IMAGE_PROCESSOR_FILE = "image_processor.json"
 
 
 @dataclass
@@ -74,6 +77,54 @@ class Processor:
         self.qformer_max_length = qformer_max_length  # the Q-Former's position embeddings bound an instruction
         if qformer_tokenizer is not None and qformer_tokenizer.pad_token_id is None:
             raise ValueError("the Q-Former tokenizer needs a pad token (BERT's [PAD]) to batch instructions")
+
+    @classmethod
+    def for_model(
+        cls,
+        config: MLLMConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        image_processor: ImageProcessor,
+        tokens_per_image: int,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Processor:
+        """The processor of a model with `config`; `qformer_tokenizer` is required exactly when the connector
+        reads text."""
+        reads_text = config.connector.qformer_text_input
+        if reads_text and qformer_tokenizer is None:
+            raise CheckpointError(
+                "connector.qformer_text_input is set, so the model needs the Q-Former's tokenizer for the "
+                f"instructions (an mllm checkpoint keeps it in {QFORMER_TOKENIZER_DIR}/)"
+            )
+        if qformer_tokenizer is not None and not reads_text:
+            raise CheckpointError("a qformer_tokenizer was given but connector.qformer_text_input is false")
+        return cls(
+            tokenizer,
+            image_processor,
+            template,
+            config.image_token,
+            tokens_per_image,
+            config.max_images,
+            qformer_tokenizer=qformer_tokenizer,
+            qformer_max_length=config.connector.qformer_max_text_positions if reads_text else None,
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Processor:
+        """The processor of an mllm checkpoint directory, on its own: no weights are loaded."""
+        directory = Path(directory)
+        config = MLLMConfig.load(directory / CONFIG_FILE)
+        if config.tokens_per_image is None:
+            raise CheckpointError(f"{directory / CONFIG_FILE} does not say tokens_per_image; re-save the checkpoint")
+        settings = json.loads((directory / IMAGE_PROCESSOR_FILE).read_text())
+        image_processor = ImageProcessor(
+            image_size=settings["image_size"],
+            image_mean=tuple(settings["image_mean"]),
+            image_std=tuple(settings["image_std"]),
+            resize_mode=settings["resize_mode"],
+        )
+        tokenizer, template, qformer_tokenizer = read_text_parts(directory, config)
+        return cls.for_model(config, tokenizer, template, image_processor, config.tokens_per_image, qformer_tokenizer)
 
     # ---- messages -> text -------------------------------------------------------------------
     def _flatten(self, messages: list[dict], images: list | None) -> tuple[list[dict], list]:
@@ -269,11 +320,33 @@ class Processor:
         self.tokenizer.save_pretrained(directory)
         if self.qformer_tokenizer is not None:
             self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
-        (directory / "template.jinja").write_text(self.template)
+        (directory / TEMPLATE_FILE).write_text(self.template)
         settings = {
             "image_size": self.image_processor.image_size,
             "image_mean": list(self.image_processor.image_mean),
             "image_std": list(self.image_processor.image_std),
             "resize_mode": self.image_processor.resize_mode,
         }
-        (directory / "image_processor.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (directory / IMAGE_PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_text_parts(directory: str | Path, config: MLLMConfig) -> tuple[PreTrainedTokenizerBase, str, object]:
+    """(tokenizer, chat template, Q-Former tokenizer or None) of an mllm checkpoint directory."""
+    directory = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    template = (directory / TEMPLATE_FILE).read_text()
+    folder = directory / QFORMER_TOKENIZER_DIR
+    if not config.connector.qformer_text_input:
+        if folder.is_dir():
+            # Converted by an mllm whose config could not say the Q-Former reads text.
+            raise CheckpointError(
+                f"{directory} has {QFORMER_TOKENIZER_DIR}/ but its connector config lacks qformer_text_input; it "
+                "was converted by an older mllm: convert the InstructBLIP checkpoint again with `mllm convert`"
+            )
+        return tokenizer, template, None
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{directory}: connector.qformer_text_input is set but {QFORMER_TOKENIZER_DIR}/ (the Q-Former's "
+            "instruction tokenizer) is missing; re-save the model with save_pretrained"
+        )
+    return tokenizer, template, AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

@@ -12,6 +12,7 @@ Kinds (the `vision.kind` config key):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,9 +36,9 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.utils import logging as hf_logging
 
 from mllm.config import VisionConfig
+from mllm.hf_checkpoints import quiet_loading
 
 Triple = tuple[float, float, float]
 
@@ -227,17 +228,11 @@ class HFVisionTower(VisionTower):
             )
         self.image_mean, self.image_std = _hf_normalisation(cfg)  # before the (large) weights: fail fast
 
-        # From a full checkpoint the text half is "unexpected" by design: keep transformers' load report quiet
-        # (missing tower weights are checked below).
-        verbosity = hf_logging.get_verbosity()
-        if key_mapping is not None:
-            hf_logging.set_verbosity_error()
-        try:
+        # From a full checkpoint the text half is "unexpected" by design (missing tower weights are checked below).
+        with quiet_loading() if key_mapping is not None else contextlib.nullcontext():
             model, info = model_cls.from_pretrained(
                 path, config=config, key_mapping=key_mapping, dtype=torch.float32, output_loading_info=True
             )
-        finally:
-            hf_logging.set_verbosity(verbosity)
         if missing := sorted(info["missing_keys"]):
             # A tower with randomly initialised layers would train and run without any other sign of trouble.
             raise ValueError(f"vision.path={path!r} lacks {len(missing)} weights of its tower, e.g. {missing[:3]}")

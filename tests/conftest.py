@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from mllm.assembly import build_model  # noqa: E402
 from mllm.tiny import build_clip, build_llama  # noqa: E402
 
 
@@ -40,10 +41,8 @@ def tiny_config(tiny_llama_dir, tiny_clip_dir):
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    from mllm.model import MLLM
-
     torch.manual_seed(0)
-    return MLLM.build(tiny_config, device="cpu").eval()
+    return build_model(tiny_config, device="cpu").eval()
 
 
 @pytest.fixture

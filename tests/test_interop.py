@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig, stream_ids
 from mllm.tiny import CORPUS, build_tokenizer
 
@@ -166,7 +168,7 @@ def _mllm_logits(model, messages, images, **features_kwargs):
 
 # ---- LLaVA --------------------------------------------------------------------------------------------
 def test_llava_import_is_exact(llava_dir, photo):
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     model = load_model(str(llava_dir), device="cpu")  # recognised by its config.json, not its name
     assert model.config.connector.kind == "mlp2x_gelu" and model.tokens_per_image == 16
@@ -189,10 +191,10 @@ def test_llava_import_is_exact(llava_dir, photo):
 
 
 def test_llava_convert_carries_weights_and_reloads_exactly(llava_dir, photo, tmp_path):
-    from mllm.checkpoint import load_model
-    from mllm.interop.commands import main_convert
+    from app.cli import main
+    from mllm.loading import load_model
 
-    assert main_convert(["--from", "llava", str(llava_dir), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "--from", "llava", str(llava_dir), str(tmp_path / "ckpt")]) == 0
     ckpt = tmp_path / "ckpt"
     config = json.loads((ckpt / "mllm_config.json").read_text())
     assert (config["vision"]["path"], config["llm"]["path"]) == ("./vision", "./llm")
@@ -209,10 +211,10 @@ def test_llava_convert_carries_weights_and_reloads_exactly(llava_dir, photo, tmp
 
 def test_model_loaded_from_llava_dir_saves_a_reference(llava_dir, photo, tmp_path):
     """Saved after a direct load, a checkpoint references the llava-hf directory (no copies) and reloads."""
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     direct = load_model(str(llava_dir), device="cpu")
-    direct.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(direct, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "llm").exists()
     _, _, expected = _mllm_logits(direct, _user(PROMPT), [photo])
     _, _, got = _mllm_logits(load_model(str(tmp_path / "ckpt"), device="cpu"), _user(PROMPT), [photo])
@@ -220,11 +222,11 @@ def test_model_loaded_from_llava_dir_saves_a_reference(llava_dir, photo, tmp_pat
 
 
 def test_convert_refuses_the_wrong_format(llava_dir, tmp_path, capsys):
-    from mllm.interop.commands import main_convert
+    from app.cli import main
 
-    assert main_convert(["--from", "blip2", str(llava_dir), str(tmp_path / "out")]) == 2
+    assert main(["convert", "--from", "blip2", str(llava_dir), str(tmp_path / "out")]) == 2
     assert "is a llava checkpoint, not blip2" in capsys.readouterr().err
-    assert main_convert(["--from", "llava", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert main(["convert", "--from", "llava", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
 
 
 # ---- BLIP-2 / InstructBLIP ---------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def blip2_dir(tmp_path_factory):
 
 
 def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     model = load_model(str(blip2_dir), device="cpu")
     assert model.config.connector.kind == "qformer" and model.tokens_per_image == 4
@@ -298,7 +300,7 @@ def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
 
 
 def test_flan_t5_blip2_is_refused(tmp_path):
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     tok = _llm_tokenizer(tmp_path)
     config = Blip2Config(
@@ -315,7 +317,6 @@ def _trained_checkpoint(
 ):
     """A tiny mllm checkpoint whose connector (and LoRA) are off their init, as after training."""
     from mllm.config import LLMConfig, LoraConfig
-    from mllm.model import MLLM
 
     llm = LLMConfig(path=tiny_config.llm.path)
     if lora:
@@ -330,12 +331,12 @@ def _trained_checkpoint(
         tune={"vision": "frozen", "connector": "full", "llm": "lora" if lora else "frozen"},
     )
     torch.manual_seed(0)
-    model = MLLM.build(config, device="cpu")
+    model = build_model(config, device="cpu")
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory)
+    save_pretrained(model, directory)
     return directory
 
 
@@ -348,11 +349,11 @@ def _hf_inputs(processor, messages, image):
     "connector, resize_mode", [("mlp2x_gelu", "resize"), ("mlp2x_gelu", "pad"), ("linear", "resize")]
 )
 def test_export_hf_llava_reloads_in_transformers(tiny_config, photo, tmp_path, connector, resize_mode):
-    from mllm.checkpoint import load_model
-    from mllm.interop.commands import main_export
+    from app.cli import main
+    from mllm.loading import load_model
 
     ckpt = _trained_checkpoint(tiny_config, tmp_path / "ckpt", resize_mode, connector=connector)
-    assert main_export([str(ckpt), str(tmp_path / "hf"), "--format", "hf-llava"]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf-llava"]) == 0
     model = load_model(str(ckpt), device="cpu")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()  # no custom code
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
@@ -377,12 +378,12 @@ def test_export_hf_llava_reloads_in_transformers(tiny_config, photo, tmp_path, c
 def test_export_merges_lora_only_when_asked(tiny_config, photo, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from mllm.checkpoint import load_model
+    from app.cli import main
     from mllm.interop import export_hf_llava
-    from mllm.interop.commands import main_export
+    from mllm.loading import load_model
 
     ckpt = _trained_checkpoint(tiny_config, tmp_path / "ckpt", lora=True)
-    assert main_export([str(ckpt), str(tmp_path / "hf"), "--format", "hf-llava"]) == 2
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf-llava"]) == 2
     assert "--merge-lora" in capsys.readouterr().err
     export_hf_llava(ckpt, tmp_path / "hf", merge_lora=True)
 

@@ -13,8 +13,10 @@ from PIL import Image
 from test_interop import ATOL, PROMPT, _blip_dir, _hf_greedy
 from transformers import AutoProcessor, DynamicCache, InstructBlipForConditionalGeneration
 
-from mllm.checkpoint import load_model
-from mllm.generation import GenerationConfig, stream_ids
+from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
+from mllm.generation import GenerationConfig, generate, image_features, stream_ids
+from mllm.loading import load_model
 from mllm.processor import Processor
 from mllm.session import ChatSession
 from mllm.templates import NAMED_TEMPLATES
@@ -74,26 +76,24 @@ def test_load_model_matches_transformers(model, hf, instructblip_dir, photos):
 
     hf_tokens = _hf_greedy(hf, inputs, hf.config.text_config.eos_token_id)
     with torch.inference_mode():
-        features = model.encoded_image_features(enc)
+        features = image_features(model, enc)
     cache = DynamicCache(config=model.llm.config)
     assert list(stream_ids(model, enc.input_ids, cache, [], GREEDY, features)) == hf_tokens
-    assert model.generate(_ask(photos[0], PROMPT), gen=GREEDY) == model.processor.decode(hf_tokens)
+    assert generate(model, _ask(photos[0], PROMPT), gen=GREEDY) == model.processor.decode(hf_tokens)
 
 
 def test_instructions_steer_features_and_batch_with_right_padding(model, photos):
     short, long = _ask(photos[0], "what color"), _ask(photos[1], "how many objects are there in the image")
     encoded = [model.processor.encode(m, add_generation_prompt=True) for m in (short, long)]
     with torch.inference_mode():
-        alone = torch.cat([model.encoded_image_features(e) for e in encoded])  # (2, Q, D_llm)
+        alone = torch.cat([image_features(model, e) for e in encoded])  # (2, Q, D_llm)
         batch = model.processor.collate(encoded)
         assert batch["qformer_attention_mask"].sum(1).tolist() == [len(ids) for e in encoded for ids in e.qformer_ids]
         batched = model.get_image_features(
             batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"]
         )
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)  # padding the short instruction: no effect
-        other = model.encoded_image_features(
-            model.processor.encode(_ask(photos[0], "how many"), add_generation_prompt=True)
-        )
+        other = image_features(model, model.processor.encode(_ask(photos[0], "how many"), add_generation_prompt=True))
     assert (other - alone[:1]).abs().max() > 1e-3  # another question, other image tokens
 
 
@@ -120,11 +120,10 @@ def test_processor_instruction_is_the_turn_holding_the_image(model):
 
 
 def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_path, capsys):
-    from mllm.cli import main
-    from mllm.interop.commands import main_convert
+    from app.cli import main
 
     out = tmp_path / "ckpt"
-    assert main_convert(["--from", "instructblip", str(instructblip_dir), str(out)]) == 0
+    assert main(["convert", "--from", "instructblip", str(instructblip_dir), str(out)]) == 0
     assert (out / "qformer_tokenizer").is_dir()
     assert json.loads((out / "mllm_config.json").read_text())["connector"]["qformer_text_input"] is True
     converted = load_model(str(out), device="cpu")
@@ -132,7 +131,7 @@ def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_
     assert (_logits(converted, _ask(photos[0], PROMPT)) - expected).abs().max() < ATOL
 
     # Saved after a direct load: a checkpoint that references the transformers directory, and reloads.
-    model.save_pretrained(tmp_path / "ref")
+    save_pretrained(model, tmp_path / "ref")
     assert (tmp_path / "ref" / "qformer_tokenizer").is_dir() and not (tmp_path / "ref" / "llm").exists()
     assert (
         _logits(load_model(str(tmp_path / "ref"), device="cpu"), _ask(photos[0], PROMPT)) - expected
@@ -142,25 +141,25 @@ def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_
     capsys.readouterr()
     args = ["chat", "--model", str(out), "--device", "cpu", "--image", str(tmp_path / "photo.png")]
     assert main([*args, "--max-new-tokens", "6", PROMPT]) == 0
-    reply = converted.generate(_ask(photos[0], PROMPT), gen=GenerationConfig(max_new_tokens=6))
+    reply = generate(converted, _ask(photos[0], PROMPT), gen=GenerationConfig(max_new_tokens=6))
     assert capsys.readouterr().out == reply + "\n"
 
 
 def test_chat_session_reuses_the_cache_and_matches_a_fresh_prefill(model, photos):
     session = ChatSession(model, gen=GREEDY)
     first = session.ask(PROMPT, [photos[0]])
-    assert first == model.generate(_ask(photos[0], PROMPT), gen=GREEDY)
+    assert first == generate(model, _ask(photos[0], PROMPT), gen=GREEDY)
     second = session.ask("how many objects")
     full = len(model.processor.encode(session.messages[:-1], session.images, add_generation_prompt=True).input_ids)
     assert session.last_prefill_tokens < full - model.tokens_per_image  # the history was not prefilled again
-    assert second == model.generate(session.messages[:-1], session.images, gen=GREEDY)
+    assert second == generate(model, session.messages[:-1], session.images, gen=GREEDY)
 
     # Edit the first turn: same image, another instruction, so other image tokens under the same token ids.
     session.rollback(0)
     edited = session.ask("describe the image in one sentence please", [photos[0]])
     prompt = model.processor.encode(session.messages[:-1], session.images, add_generation_prompt=True).input_ids
     assert session.last_prefill_tokens == len(prompt)  # the image comes first here: nothing cached is reusable
-    assert edited == model.generate(session.messages[:-1], session.images, gen=GREEDY)
+    assert edited == generate(model, session.messages[:-1], session.images, gen=GREEDY)
 
 
 def test_bad_checkpoints_and_inputs_are_clear_errors(model, photos, tmp_path):
@@ -168,13 +167,13 @@ def test_bad_checkpoints_and_inputs_are_clear_errors(model, photos, tmp_path):
     with pytest.raises(ValueError, match="reads each image's instruction too"):
         model.get_image_features(pixel_values)  # the instruction ids are not optional for this model
 
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt" / "qformer_tokenizer")
     with pytest.raises(ValueError, match="qformer_tokenizer/ .* is missing"):
         load_model(str(tmp_path / "ckpt"), device="cpu")
 
     # Converted by an earlier mllm: qformer_tokenizer/ there, but the config can't say the Q-Former reads text.
-    model.save_pretrained(tmp_path / "old")
+    save_pretrained(model, tmp_path / "old")
     config = json.loads((tmp_path / "old" / "mllm_config.json").read_text())
     for key in ("qformer_text_input", "qformer_vocab_size", "qformer_max_text_positions"):
         del config["connector"][key]
@@ -190,8 +189,7 @@ def test_models_without_text_input_refuse_instructions(tiny_model, tiny_config, 
         tiny_model.get_image_features(tiny_model.processor.pixel_values(enc.images), torch.ones(1, 3, dtype=torch.long))
 
     from mllm.config import ConnectorConfig
-    from mllm.model import MLLM
 
     text_config = tiny_config.replace(connector=ConnectorConfig(kind="qformer", qformer_text_input=True))
     with pytest.raises(ValueError, match="needs the Q-Former's tokenizer"):
-        MLLM.build(text_config, device="cpu")
+        build_model(text_config, device="cpu")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from mllm.assembly import build_model
+from mllm.checkpoint import load_pretrained, save_pretrained
 from mllm.config import LoraConfig, MLLMConfig
-from mllm.generation import GenerationConfig, TextStream, stream_ids
+from mllm.generation import GenerationConfig, TextStream, generate, stream_ids
 from mllm.image_processing import ImageError
-from mllm.model import MLLM
 from mllm.processor import IGNORE_INDEX
 from mllm.session import ChatSession
 
@@ -106,7 +107,7 @@ def test_session_follow_up_equals_full_reprefill(tiny_model, images):
     )
     # The follow-up prefilled only its new tokens, not the history.
     assert session.last_prefill_tokens < full_prompt_tokens - tiny_model.tokens_per_image
-    fresh = tiny_model.generate(session.messages[:-1], session.images, gen=gen)
+    fresh = generate(tiny_model, session.messages[:-1], session.images, gen=gen)
     assert second == fresh
     assert session.messages[1] == {"role": "assistant", "content": first}
 
@@ -129,8 +130,8 @@ def test_session_over_long_conversation_raises_with_limit(tiny_model):
 
 def test_sampling_is_reproducible_with_seed(tiny_model, images):
     gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=7)
-    a = tiny_model.generate(_ask("hi"), images[:1], gen=gen)
-    b = tiny_model.generate(_ask("hi"), images[:1], gen=gen)
+    a = generate(tiny_model, _ask("hi"), images[:1], gen=gen)
+    b = generate(tiny_model, _ask("hi"), images[:1], gen=gen)
     assert a == b
 
 
@@ -142,7 +143,7 @@ def test_save_load_gives_identical_logits(tiny_config, images, tmp_path, tune_ll
         tune={"vision": "full", "connector": "full", "llm": tune_llm},
     )
     torch.manual_seed(0)
-    model = MLLM.build(config, device="cpu")
+    model = build_model(config, device="cpu")
     with torch.no_grad():  # make every trained part differ from its base so a missing file would show
         for p in model.parameters():
             if p.requires_grad:
@@ -152,13 +153,13 @@ def test_save_load_gives_identical_logits(tiny_config, images, tmp_path, tune_ll
     batch = model.processor.collate([model.processor.encode(conversation, images[:1])])
     with torch.no_grad():
         expected, _ = model(**batch)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / ("adapter" if tune_llm == "lora" else "llm")).is_dir()
     if tune_llm == "lora":  # the adapter names its base as the config does, not by a local cache path
         adapter_config = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
         assert adapter_config["base_model_name_or_path"] == config.llm.path
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
-    loaded = MLLM.from_pretrained(tmp_path / "ckpt", device="cpu")
+    loaded = load_pretrained(tmp_path / "ckpt", device="cpu")
     with torch.no_grad():
         got, _ = loaded(**batch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -166,9 +167,9 @@ def test_save_load_gives_identical_logits(tiny_config, images, tmp_path, tune_ll
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        MLLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="not an mllm checkpoint"):
-        MLLM.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_supervised_logits_only_gives_the_same_loss(tiny_model, images):

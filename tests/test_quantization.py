@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm.assembly import build_model
 from mllm.config import LLMConfig
-from mllm.generation import GenerationConfig
-from mllm.model import MLLM
+from mllm.generation import GenerationConfig, stream
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -18,14 +18,14 @@ bnb = pytest.importorskip("bitsandbytes")
 def test_quantized_llm_loads_and_generates_on_cpu(tiny_config, images, quantization, layer_type):
     config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization=quantization))
     torch.manual_seed(0)
-    model = MLLM.build(config, device="cpu").eval()
+    model = build_model(config, device="cpu").eval()
     q_proj = model.llm.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer_type
     assert all(type(m).__name__ not in ("Linear4bit", "Linear8bitLt") for m in model.connector.modules())
     assert all(p.dtype == torch.float32 for p in model.vision.parameters())
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}]
     reply_ids = []
-    for piece in model.stream(messages, images[:1], gen=GenerationConfig(max_new_tokens=5)):
+    for piece in stream(model, messages, images[:1], gen=GenerationConfig(max_new_tokens=5)):
         reply_ids.append(piece)
     batch = model.processor.collate(
         [model.processor.encode(messages + [{"role": "assistant", "content": "red"}], images[:1])]
@@ -41,7 +41,7 @@ def test_quantized_logits_stay_close_to_full_precision(tiny_config, images):
     for quantization in ("none", "8bit"):
         config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization=quantization))
         torch.manual_seed(0)
-        model = MLLM.build(config, device="cpu").eval()
+        model = build_model(config, device="cpu").eval()
         batch = model.processor.collate([model.processor.encode(messages, images[:1], add_generation_prompt=True)])
         with torch.no_grad():
             results[quantization] = model(batch["input_ids"], pixel_values=batch["pixel_values"])[0].softmax(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from mllm.generation import GenerationConfig
+from mllm.generation import GenerationConfig, generate, stream
 from mllm.session import ChatSession
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_model():
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     return load_model("default", device="cpu")
 
@@ -30,7 +30,7 @@ def test_default_model_streams_text_about_an_image(default_model, cat):
         {"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "Describe the image."}]}
     ]
     # A photo is outside the demo model's shapes world: it still answers in its one description format.
-    pieces = list(default_model.stream(messages, gen=GenerationConfig(max_new_tokens=24)))
+    pieces = list(stream(default_model, messages, gen=GenerationConfig(max_new_tokens=24)))
     text = "".join(pieces)
     assert len(pieces) >= 5, pieces  # streamed, not returned at once
     assert sum(c.isalpha() for c in text) > 20, text
@@ -43,4 +43,4 @@ def test_real_session_follow_up_matches_reprefill(default_model, cat):
     session.ask("Describe this picture.", [cat])
     second = session.ask("Say it again, shorter.")
     assert session.last_prefill_tokens < 30
-    assert second == default_model.generate(session.messages[:-1], session.images, gen=gen)
+    assert second == generate(default_model, session.messages[:-1], session.images, gen=gen)

@@ -3,7 +3,7 @@ keep a dropped image's keys/values for a new image in the same place."""
 
 from __future__ import annotations
 
-from mllm.generation import GenerationConfig
+from mllm.generation import GenerationConfig, generate
 from mllm.session import ChatSession
 
 
@@ -16,7 +16,7 @@ def test_new_image_after_rollback_is_prefilled_again(tiny_model, images):
     ids = tiny_model.processor.encode(session.messages[:-1], session.images, add_generation_prompt=True).input_ids
     first_slot = ids.tolist().index(tiny_model.image_token_id)
     assert session.last_prefill_tokens == len(ids) - first_slot  # the text before the image is still reused
-    assert answer == tiny_model.generate(session.messages[:-1], session.images, gen=gen)
+    assert answer == generate(tiny_model, session.messages[:-1], session.images, gen=gen)
 
 
 def test_rollback_without_dropping_images_keeps_the_cache(tiny_model, images):
@@ -27,4 +27,4 @@ def test_rollback_without_dropping_images_keeps_the_cache(tiny_model, images):
     session.rollback(2)  # regenerate the second answer: the image stays
     answer = session.ask("and now")
     assert session.last_prefill_tokens < tiny_model.tokens_per_image
-    assert answer == tiny_model.generate(session.messages[:-1], session.images, gen=gen)
+    assert answer == generate(tiny_model, session.messages[:-1], session.images, gen=gen)

@@ -18,16 +18,16 @@ Our tower returns `hidden_states[-1]`, the last layer *before* BLIP-2's post_lay
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 from transformers import AutoTokenizer, PretrainedConfig
 
 from mllm.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
-from mllm.connectors import QFormerConnector
-from mllm.interop.common import check_decoder_only, prompt_template, read_tensors
+from mllm.hf_checkpoints import read_tensors
+from mllm.interop.chat_templates import prompt_template
 from mllm.interop.plan import ImportPlan, image_settings
+from mllm.llm import check_decoder_only
 from mllm.processor import QFORMER_TOKENIZER_DIR
 
 _TEXT_FFN = re.compile(
@@ -41,7 +41,7 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
     take a plain prompt, reproduced by `prompt_template`."""
     instruct = hf_config.model_type == "instructblip"
     fmt = "instructblip" if instruct else "blip2"
-    check_decoder_only(path, hf_config.text_config)
+    check_decoder_only(str(path), hf_config.text_config)
     vision_cfg, qformer_cfg = hf_config.vision_config, hf_config.qformer_config
     _check_qformer(path, qformer_cfg, vision_cfg)
 
@@ -62,6 +62,8 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
         qformer_hidden_size=qformer_cfg.hidden_size,
         qformer_heads=qformer_cfg.num_attention_heads,
         qformer_cross_attention_frequency=qformer_cfg.cross_attention_frequency,
+        # BLIP-2's post_layernorm uses the tower's epsilon (1e-6), not PyTorch's default.
+        vision_norm_eps=vision_cfg.layer_norm_eps,
     )
     if instruct:
         fields.update(
@@ -69,10 +71,6 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
             qformer_vocab_size=qformer_cfg.vocab_size,
             qformer_max_text_positions=qformer_cfg.max_position_embeddings,
         )
-    if "vision_norm_eps" in {f.name for f in dataclasses.fields(ConnectorConfig)}:
-        # Where the config can say it, the epsilon is saved with the checkpoint (otherwise `connector_setup`
-        # below sets it on the loaded model only; a converted checkpoint then reloads with PyTorch's 1e-5).
-        fields["vision_norm_eps"] = vision_cfg.layer_norm_eps
     connector_cfg = ConnectorConfig(**fields)
     config = MLLMConfig(
         # The Q-Former reads every token of the last layer, CLS included.
@@ -123,14 +121,8 @@ def plan_blip2(path: Path, hf_config: PretrainedConfig, template: str | None = N
         tokenizer=tokenizer,
         template=jinja,
         connector_state=state,
-        connector_setup=lambda connector: _set_vision_norm_eps(connector, vision_cfg.layer_norm_eps),
         qformer_tokenizer=qformer_tokenizer,
     )
-
-
-def _set_vision_norm_eps(connector: QFormerConnector, eps: float) -> None:
-    # Our connector's LayerNorm uses PyTorch's default 1e-5; BLIP-2's post_layernorm uses the tower's (1e-6).
-    connector.vision_norm.eps = eps
 
 
 def _check_qformer(path: Path, qformer, vision) -> None:

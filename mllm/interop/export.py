@@ -16,8 +16,6 @@ Q-Former connectors and non-transformers towers (EfficientNet-Lite0) have no Lla
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,11 +29,15 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mllm.checkpoint import QFORMER_TOKENIZER_DIR, load_pretrained, read_config
+from mllm.atomic import atomic_directory
+from mllm.checkpoint import load_pretrained, read_config
 from mllm.config import MLLMConfig
-from mllm.interop.common import forget_key_mapping, quiet_transformers, replace_dir, string_template
+from mllm.errors import CheckpointError
+from mllm.hf_checkpoints import forget_key_mapping, quiet_loading, replaceable_output, saved_dtype
+from mllm.interop.chat_templates import string_template
 from mllm.llm import resolve_llm_path
 from mllm.model import MLLM
+from mllm.processor import QFORMER_TOKENIZER_DIR
 from mllm.vision import HFVisionTower
 
 FORMATS = ("hf-llava",)
@@ -47,17 +49,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def check_exportable(directory: Path, config: MLLMConfig, merge_lora: bool) -> None:
     """Refuse what has no Llava equivalent before any weight is loaded."""
     if config.vision.kind != "hf":
-        raise ValueError(
+        raise CheckpointError(
             f"{directory}: the vision tower {config.vision.kind!r} is not a transformers model; Llava's vision_tower "
             "must be a CLIP or SigLIP vision model, so this checkpoint can't be exported as hf-llava"
         )
     if config.connector.kind not in PROJECTOR_ACT or (directory / QFORMER_TOKENIZER_DIR).is_dir():
-        raise ValueError(
+        raise CheckpointError(
             f"{directory}: the {config.connector.kind!r} connector has no Llava equivalent (Llava's projector is a "
             "linear -> activation -> linear MLP); only linear and mlp2x_gelu connectors export as hf-llava"
         )
     if (directory / "adapter").is_dir() and not merge_lora:
-        raise ValueError(
+        raise CheckpointError(
             f"{directory} holds an unmerged LoRA adapter; Llava checkpoints have no adapters: pass --merge-lora to "
             "merge it into the base weights (W + alpha/r * B A)"
         )
@@ -72,13 +74,13 @@ def export_hf_llava(checkpoint: str | Path, out: str | Path, merge_lora: bool = 
     config = read_config(directory, quantization="none")
     check_exportable(directory, config, merge_lora)
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; use auto, {', '.join(DTYPES)}")
+        raise CheckpointError(f"dtype={dtype!r} is not valid; use auto, {', '.join(DTYPES)}")
     # Unquantized float32 on CPU; an adapter is merged into the weights by the loader (trainable=False).
     model = load_pretrained(directory, device="cpu", quantization="none", trainable=False)
     tower = model.vision
     if not isinstance(tower, HFVisionTower) or tower.model.config.model_type not in LLAVA_TOWERS:
         kind = getattr(getattr(tower, "model", None), "config", None)
-        raise ValueError(
+        raise CheckpointError(
             f"{directory}: the tower is a {getattr(kind, 'model_type', type(tower).__name__)}; hf-llava exports "
             f"need one of {', '.join(LLAVA_TOWERS)} (what transformers / vLLM Llava models load)"
         )
@@ -94,15 +96,9 @@ def export_hf_llava(checkpoint: str | Path, out: str | Path, merge_lora: bool = 
     llava.generation_config = generation
 
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
-    try:
-        with quiet_transformers():
-            llava.save_pretrained(staging / "llava", safe_serialization=True)
-            processor.save_pretrained(staging / "llava")
-        replace_dir(staging / "llava", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(out, may_replace=replaceable_output) as staging, quiet_loading():
+        llava.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
     return out
 
 
@@ -216,8 +212,4 @@ def _base_dtype(directory: Path, config: MLLMConfig) -> torch.dtype:
         base = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError):
         return torch.float32
-    base = getattr(base, "text_config", base)
-    dtype = getattr(base, "dtype", None) or getattr(base, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return saved_dtype(base)

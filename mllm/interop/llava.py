@@ -17,7 +17,8 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig
 
 from mllm.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
-from mllm.interop.common import chat_template_for, read_tensors, strip_prefix
+from mllm.hf_checkpoints import read_tensors
+from mllm.interop.chat_templates import chat_template_for
 from mllm.interop.plan import ImportPlan, image_settings
 from mllm.templates import resolve_template
 
@@ -70,7 +71,8 @@ def plan_llava(path: Path, hf_config: PretrainedConfig, template: str | None = N
         template="auto",
         image_token=image_token,
     )
-    projector = strip_prefix(read_tensors(path, lambda k: "multi_modal_projector." in k), "multi_modal_projector.")
+    marker = "multi_modal_projector."  # whatever layout prefix comes before it
+    projector = {k.split(marker, 1)[1]: v for k, v in read_tensors(path, lambda k: marker in k).items()}
     return ImportPlan(
         fmt="llava",
         path=path,

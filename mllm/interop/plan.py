@@ -1,14 +1,14 @@
-"""An import plan: everything needed to assemble an MLLM from a transformers multimodal checkpoint.
+"""An import plan: everything `mllm.assembly.assemble` needs to build an MLLM from a transformers multimodal
+checkpoint, and the image settings that reproduce the source's image processor.
 
 A format module (`llava`, `blip2`) reads the source's config, tokenizer and image processor and fills a
-plan; `assemble` then builds the model the same way whatever the format: tower and LLM loaded by path
-from the source directory (only their own tensors), connector weights renamed onto our connector.
+plan: our config (tower and LLM referenced by the source directory's path: only their own tensors are
+read), the chat template, and the connector's weights renamed from the source's.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +16,6 @@ import torch
 from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedTokenizerBase
 
 from mllm.config import RESIZE_MODES, MLLMConfig
-from mllm.connectors import Connector, build_connector
-from mllm.interop.common import load_composite_llm
-from mllm.model import MLLM, make_processor, pick_device
-from mllm.vision import build_vision
 
 
 @dataclass
@@ -38,28 +34,8 @@ class ImportPlan:
     """The chat template our processor renders (reproduces the source processor's token layout)."""
     connector_state: dict[str, torch.Tensor]
     """Our connector's state dict, renamed from the source's tensors."""
-    connector_setup: Callable[[Connector], None] | None = None
-    """Adjusts the built connector before its weights are loaded (e.g. a LayerNorm epsilon)."""
     qformer_tokenizer: PreTrainedTokenizerBase | None = None
     """InstructBLIP's Q-Former (BERT) tokenizer for the instructions; None for the other formats."""
-
-
-def assemble(plan: ImportPlan, device: str | torch.device | None = None, llm_dtype: torch.dtype | None = None) -> MLLM:
-    """Build the MLLM the plan describes. `llm_dtype` keeps the LLM in a given dtype (conversion)."""
-    device = pick_device(device)
-    config = plan.config
-    vision = build_vision(config.vision)
-    llm = load_composite_llm(plan.path, plan.fmt, plan.hf_config.text_config, config.llm, device, dtype=llm_dtype)
-    llm_hidden = llm.get_input_embeddings().embedding_dim
-    connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
-    if plan.connector_setup is not None:
-        plan.connector_setup(connector)
-    connector.load_state_dict(plan.connector_state)  # strict: every weight accounted for, no leftovers
-    processor = make_processor(
-        config, plan.tokenizer, vision, connector.num_tokens, plan.template, plan.qformer_tokenizer
-    )
-    model = MLLM(config.replace(tokens_per_image=connector.num_tokens), vision, connector, llm, processor)
-    return model.place(device).eval()
 
 
 def _size(value, key: str):

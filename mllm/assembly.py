@@ -1,0 +1,115 @@
+"""The one place a model is put together: vision tower + connector + LLM + processor -> MLLM.
+
+Every source of a model goes through `assemble`: a fresh build from a config (`build_model`), an mllm
+checkpoint (`mllm.checkpoint`), and a transformers LLaVA / BLIP-2 / InstructBLIP directory
+(`mllm.interop`). A source says where the weights are; `assemble` loads the tower and the LLM, builds the
+connector, loads its weights (strict: every tensor accounted for), makes the processor from the tower's
+image settings and places tower and connector on the LLM's device and compute dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mllm.config import MLLMConfig
+from mllm.connectors import build_connector
+from mllm.errors import CheckpointError, MLLMError
+from mllm.image_processing import ImageProcessor
+from mllm.llm import attach_lora, load_llm, load_tokenizer
+from mllm.model import MLLM
+from mllm.processor import Processor
+from mllm.templates import resolve_template
+from mllm.vision import build_vision
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`auto` / None: CUDA when there is one, else the CPU; an explicit CUDA device must exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MLLMError(f"device {device} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def assemble(
+    config: MLLMConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    device: str | torch.device | None = None,
+    *,
+    qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+    vision_state: dict[str, torch.Tensor] | None = None,
+    connector_state: dict[str, torch.Tensor] | None = None,
+    llm_weights: str | Path | None = None,
+    llm_dtype: torch.dtype | None = None,
+    adapter: str | Path | None = None,
+    fresh_adapter: bool = False,
+    trainable: bool = False,
+) -> MLLM:
+    """The MLLM that `config` describes, with these weights.
+
+    `vision_state` / `connector_state`: the tower's / connector's weights (None: the tower's pretrained
+    ones, a freshly initialised connector). `llm_weights`: a directory holding fully-tuned LLM weights
+    instead of `config.llm.path`'s; `llm_dtype` keeps the LLM in a given dtype (conversion). LoRA: a saved
+    `adapter` directory (merged into the weights for inference on an unquantized LLM, so decoding pays
+    nothing for it), or `fresh_adapter`s as `config.llm.lora` describes. `trainable`: train mode, adapters
+    kept apart; otherwise eval mode.
+    """
+    device = pick_device(device)
+    vision = build_vision(config.vision)
+    if vision_state is not None:
+        vision.load_state_dict(vision_state)
+    llm = load_llm(config.llm, device, weights_path=None if llm_weights is None else str(llm_weights), dtype=llm_dtype)
+    if adapter is not None:
+        llm = attach_lora(llm, config.llm.lora, adapter_path=str(adapter), trainable=trainable)
+        if not trainable and config.llm.quantization == "none":
+            llm = llm.merge_and_unload()
+    elif fresh_adapter:
+        llm = attach_lora(llm, config.llm.lora)
+    llm_hidden = llm.get_input_embeddings().embedding_dim
+    connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
+    if connector_state is not None:
+        connector.load_state_dict(connector_state)  # strict: every weight accounted for, no leftovers
+    if config.tokens_per_image is not None and config.tokens_per_image != connector.num_tokens:
+        raise CheckpointError(
+            f"tokens_per_image={config.tokens_per_image} but the tower + connector give {connector.num_tokens}; "
+            "the checkpoint's config does not match its weights"
+        )
+    image_processor = ImageProcessor(
+        image_size=vision.image_size,
+        image_mean=tuple(vision.image_mean),
+        image_std=tuple(vision.image_std),
+        resize_mode=config.vision.resize_mode,
+    )
+    processor = Processor.for_model(
+        config, tokenizer, template, image_processor, connector.num_tokens, qformer_tokenizer
+    )
+    model = MLLM(config.replace(tokens_per_image=connector.num_tokens), vision, connector, llm, processor)
+    return model.place(device).train(trainable)
+
+
+def build_model(
+    config: MLLMConfig,
+    device: str | torch.device | None = None,
+    qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+    trainable: bool = True,
+) -> MLLM:
+    """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured), to train.
+
+    `qformer_tokenizer`: the instruction tokenizer, required when `config.connector.qformer_text_input`.
+    """
+    tokenizer = load_tokenizer(config.llm.path)
+    template = resolve_template(config.template, tokenizer)
+    return assemble(
+        config,
+        tokenizer,
+        template,
+        device,
+        qformer_tokenizer=qformer_tokenizer,
+        fresh_adapter=config.llm.lora is not None,
+        trainable=trainable,
+    )

@@ -1,0 +1,57 @@
+"""`load_model(name)`: the one entry that turns a name into a model, whatever the name points at.
+
+- `default`: the built-in demo model (`mllm/assets/demo`);
+- an mllm checkpoint directory (it has `mllm_config.json`): `mllm.checkpoint`;
+- a transformers LLaVA / BLIP-2 / InstructBLIP directory, recognised by its `config.json`, never by its
+  name: `mllm.interop`.
+`load_processor(name)` gives the same model's processor alone (tokenizer, template, image settings),
+without loading any weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mllm.assembly import build_model
+from mllm.checkpoint import load_pretrained, with_quantization
+from mllm.config import CONFIG_FILE, MLLMConfig
+from mllm.errors import CheckpointError
+from mllm.hf_checkpoints import detect_format, read_hf_config
+from mllm.interop.importer import load_transformers
+from mllm.model import MLLM
+from mllm.processor import Processor
+
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
+    """`default` (the built-in demo model), an mllm checkpoint directory, or a transformers LLaVA / BLIP-2 /
+    InstructBLIP directory. `quantization` (none | 8bit | 4bit) overrides the stored setting."""
+    if name == "default":
+        if (DEMO_DIR / CONFIG_FILE).is_file():
+            return load_pretrained(DEMO_DIR, device=device, quantization=quantization)
+        # No trained demo weights in this install: the default architecture with a seeded, untrained connector.
+        torch.manual_seed(0)
+        config = MLLMConfig() if quantization is None else with_quantization(MLLMConfig(), quantization)
+        return build_model(config, device=device, trainable=False)
+    path = Path(name)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        if detect_format(path) is not None:
+            return load_transformers(path, device=device, quantization=quantization)
+        if (hf_config := read_hf_config(path)) is not None:
+            raise CheckpointError(
+                f"{path} is a transformers {hf_config.get('model_type', 'model')!r} checkpoint; mllm loads "
+                "llava, blip-2 and instructblip ones (or mllm checkpoints, which have mllm_config.json)"
+            )
+    return load_pretrained(name, device=device, quantization=quantization)
+
+
+def load_processor(name: str = "default") -> Processor:
+    """The processor of `load_model(name)`'s model on its own (mllm checkpoints and `default`: no weights are
+    read; a transformers directory's processor is the one its import makes)."""
+    directory = DEMO_DIR if name == "default" else Path(name)
+    if (directory / CONFIG_FILE).is_file():
+        return Processor.from_pretrained(directory)
+    return load_model(name, device="cpu").processor
