@@ -13,8 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.scheduling import ChatError
-from mllm.session import ChatSession
+from mllm.session import ChatSession, image_count, text_of
 
 Exchange = tuple[str, list, list, str | None]  # (user text, PIL images, caller's sources, reply or None)
 
@@ -37,23 +36,6 @@ class Conversation:
 
 
 RESERVED = object()
-
-
-def image_count(message: dict) -> int:
-    content = message["content"]
-    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
-
-
-def text_of(message: dict) -> str:
-    content = message["content"]
-    return "".join(p["text"] for p in content if p.get("type") == "text") if isinstance(content, list) else content
-
-
-def last_user(session: ChatSession) -> int:
-    for i in range(len(session.messages) - 1, -1, -1):
-        if session.messages[i]["role"] == "user":
-            return i
-    raise ChatError("there is no message in this conversation yet", "invalid_request")
 
 
 def rollback(conv: Conversation, n_messages: int) -> None:

@@ -20,42 +20,24 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from app.conversation import (
-    RESERVED,
-    Conversation,
-    Turn,
-    exchanges,
-    image_count,
-    last_user,
-    rollback,
-    text_of,
-    write_llava,
-)
-from app.scheduling import Admission, ChatError, FairLock, QueueFull, Stream
-from mllm.generation import Cancelled, GenerationConfig, TextStream, stream_ids
-from mllm.image_processing import ImageError, load_image
-from mllm.session import ChatSession
-
-__all__ = ["ChatEngine", "ChatError", "QueueFull", "Stream", "Turn"]  # all but ChatEngine: re-exported
+from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, write_llava
+from app.scheduling import Admission, ChatError, FairLock, Stream
+from mllm.errors import MLLMError
+from mllm.generation import GenerationConfig, reply
+from mllm.image_processing import load_image
+from mllm.session import ChatSession, image_count, text_of
 
 
 @contextmanager
 def _user_errors():
-    """Processor / image errors -> ChatError with a code (the processor's messages already say the limit)."""
+    """The library's typed errors (images, messages, limits) -> ChatError with the same code."""
     try:
         yield
-    except ImageError as e:
-        raise ChatError(str(e), "invalid_image") from e
     except ChatError:
         raise
-    except ValueError as e:
-        # The processor raises plain ValueErrors; their wording is the only way to tell them apart.
-        text = str(e)
-        code = "context_length_exceeded" if "over this model's limit" in text else "invalid_request"
-        code = "too_many_images" if "this model takes at most" in text else code
-        raise ChatError(text, code) from e
+    except MLLMError as e:
+        raise ChatError(str(e), e.code) from e
 
 
 class ChatEngine:
@@ -78,7 +60,7 @@ class ChatEngine:
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None, quantization: str | None = None, **kwargs):
-        from mllm.checkpoint import load_model
+        from mllm.loading import load_model
 
         return cls(load_model(name, device=device, quantization=quantization), name=name, **kwargs)
 
@@ -160,8 +142,8 @@ class ChatEngine:
         if not text.strip() and not images:
             raise ChatError("type a message or attach an image first")
         pictures = []
-        for i, source in enumerate(images or []):
-            with _user_errors():
+        with _user_errors():
+            for i, source in enumerate(images or []):
                 name = source if isinstance(source, str) else f"image {i + 1}"
                 pictures.append((load_image(source, name=name, max_pixels=self._max_pixels), source))
         return self._turn(conv_id, text, pictures, gen, on_queue, replace_last=False)
@@ -173,24 +155,25 @@ class ChatEngine:
     def edit_last(self, conv_id: str, text: str | None, gen=None, on_queue=None) -> Stream:
         """Replace the last user message's text (same images) and answer it afresh."""
         conv = self._conversation(conv_id)
-        last = conv.session.messages[last_user(conv.session)]
+        with _user_errors():
+            last = conv.session.messages[conv.session.last_user_index()]
         k = image_count(last)
         pictures = list(zip(conv.session.images[-k:], conv.sources[-k:])) if k else []
         return self._turn(conv_id, text_of(last) if text is None else text, pictures, gen, on_queue, True)
 
     def undo(self, conv_id: str) -> tuple[str, list]:
         """Drop the last exchange; returns its text and image sources so a UI can refill its input box."""
-        with self._reserved(conv_id) as conv:
-            cut = last_user(conv.session)
+        with self._reserved(conv_id) as conv, _user_errors():
+            cut = conv.session.last_user_index()
             k = image_count(conv.session.messages[cut])
             text, sources = text_of(conv.session.messages[cut]), conv.sources[len(conv.sources) - k :]
             rollback(conv, cut)
             return text, sources
 
     def _turn(self, conv_id, text, pictures, gen, on_queue, replace_last: bool) -> Stream:
-        with self._reserved(conv_id) as conv:
+        with self._reserved(conv_id) as conv, _user_errors():
             session = conv.session
-            cut = last_user(session) if replace_last else len(session.messages)
+            cut = session.last_user_index() if replace_last else len(session.messages)
             kept = len(session.images) - sum(image_count(m) for m in session.messages[cut:])
             images = [image for image, _ in pictures]
             if kept + len(images) > self.model.processor.max_images:
@@ -202,7 +185,7 @@ class ChatEngine:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
             candidate = session.messages[:cut] + [{"role": "user", "content": content}]
             # Check now, so a bad request fails at once instead of after its wait in the queue.
-            with self._model_lock, _user_errors():
+            with self._model_lock:
                 self.model.processor.encode(candidate, session.images[:kept] + images, add_generation_prompt=True)
 
             def start(stream: Stream) -> Iterator[str]:
@@ -224,19 +207,19 @@ class ChatEngine:
     def complete(self, messages: list[dict], gen=None, cancel=None, on_queue=None) -> Stream:
         """Answer `messages` (mllm's format; image parts carry their `image`) with no stored state."""
         messages, n = [dict(m) for m in messages], 0
-        for message in messages:
-            if isinstance(message.get("content"), list):
-                parts = []
-                for part in message["content"]:
-                    if isinstance(part, dict) and part.get("type") == "image":
-                        n += 1
-                        with _user_errors():
+        with _user_errors():
+            for message in messages:
+                if isinstance(message.get("content"), list):
+                    parts = []
+                    for part in message["content"]:
+                        if isinstance(part, dict) and part.get("type") == "image":
+                            n += 1
                             image = load_image(part.get("image"), name=f"image {n}", max_pixels=self._max_pixels)
-                        part = {"type": "image", "image": image}
-                    parts.append(part)
-                message["content"] = parts
-        with self._model_lock, _user_errors():
-            encoded = self.model.processor.encode(messages, add_generation_prompt=True)
+                            part = {"type": "image", "image": image}
+                        parts.append(part)
+                    message["content"] = parts
+            with self._model_lock:
+                encoded = self.model.processor.encode(messages, add_generation_prompt=True)
         gen = gen or self.gen
         start = partial(self._generate, encoded, gen)  # called with the Stream
         stream = Stream(self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors)
@@ -244,21 +227,13 @@ class ChatEngine:
         return stream
 
     def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
-        # generation.stream hides the token ids; the API reports token counts and finish_reason.
-        model, processor = self.model, self.model.processor
-        features = None
-        if encoded.images:
-            with torch.inference_mode():
-                features = model.encoded_image_features(encoded)  # (n, N_img, D_llm), or None without images
-        cache = DynamicCache(config=model.llm.config)
-        text = TextStream(processor)  # text.ids: the tokens generated so far
+        # The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text.
+        answer = reply(self.model, encoded, gen, stream.cancel)
         try:
-            yield from text.pieces(stream_ids(model, encoded.input_ids, cache, [], gen, features, stream.cancel))
-            stream.finish_reason = "length" if len(text.ids) >= gen.max_new_tokens else "stop"
-        except Cancelled:
-            stream.finish_reason = "cancelled"
+            yield from answer
+            stream.finish_reason = answer.finish_reason
         finally:
-            stream.completion_tokens = len(text.ids)
+            stream.completion_tokens = len(answer.ids)
 
     @property
     def _max_pixels(self) -> int:

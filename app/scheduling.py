@@ -29,11 +29,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
+from mllm.errors import MLLMError
+
 OnQueue = Callable[[int], None]  # called with the 1-based queue position while a request waits
 
 
-class ChatError(ValueError):
-    """A request the user can fix. `code` names the kind; the API turns it into OpenAI's error codes."""
+class ChatError(MLLMError):
+    """A request the user can fix. `code` (set per error) names the kind; the API answers it as OpenAI's error code."""
 
     def __init__(self, message: str, code: str = "invalid_request"):
         super().__init__(message)

@@ -9,7 +9,8 @@ import time
 import pytest
 from PIL import Image
 
-from app.engine import ChatEngine, ChatError, QueueFull
+from app.engine import ChatEngine
+from app.scheduling import ChatError, QueueFull
 from mllm.generation import GenerationConfig
 from training.data import read_rows
 
