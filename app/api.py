@@ -4,14 +4,13 @@ Images come as base64 `data:` URIs, or as local paths / `file://` URLs inside `-
 Remote http(s) URLs are refused: fetching them would make this server reach wherever a client
 points it (an SSRF hole) and hide slow downloads inside a request. Errors use OpenAI's JSON shape
 `{"error": {"message", "type", "param", "code"}}`, so OpenAI client libraries raise their usual exceptions.
-
-    mllm api [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] [--allowed-image-dir DIR]
+Request parsing and error shapes are in app.api_request, the reply (SSE or JSON) in app.api_stream; the
+`mllm api` command (app.cli) serves `create_app(engine)` with uvicorn.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 import socket
 import threading
 import time
@@ -25,42 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from app import Parser, UsageError, add_model_args, load_engine, run
-from app.api_request import (
-    MAX_IMAGE_BYTES,
-    APIError,
-    ChatRequest,
-    ContentPart,
-    ImageURL,
-    Message,
-    StreamOptions,
-    error_response,
-    gen_config,
-    image_source,
-    to_messages,
-)
-from app.api_stream import Completion, StopMatcher
-from app.engine import ChatEngine, ChatError
-
-# Request parsing and errors live in app.api_request, the reply's streaming in app.api_stream; their
-# names stay importable from here.
-__all__ = [
-    "MAX_IMAGE_BYTES",
-    "APIError",
-    "ChatRequest",
-    "Completion",
-    "ContentPart",
-    "ImageURL",
-    "Message",
-    "StopMatcher",
-    "StreamOptions",
-    "create_app",
-    "gen_config",
-    "image_source",
-    "main",
-    "serving",
-    "to_messages",
-]
+from app.api_request import APIError, ChatRequest, error_response, gen_config, to_messages
+from app.api_stream import Completion
+from app.engine import ChatEngine
+from app.scheduling import ChatError
 
 
 def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir: str | Path | None = None) -> FastAPI:
@@ -141,33 +108,6 @@ def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir
         return error_response(e.status_code, str(e.detail), None, None)
 
     return app
-
-
-def _main(argv: list[str]) -> int:
-    import uvicorn
-
-    p = Parser(prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API.")
-    add_model_args(p, port=8000)
-    p.add_argument("--api-key", default=os.environ.get("MLLM_API_KEY"), help="require this bearer token")
-    p.add_argument("--allowed-image-dir", default=None, help="let requests name image files under this folder")
-    p.add_argument("--max-concurrency", type=int, default=4, help="replies generated at once (they take turns)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503")
-    args = p.parse_args(argv)
-    if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
-        raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise UsageError("mllm api: need --max-concurrency >= 1 and --max-queue >= 0")
-    engine = load_engine(args, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
-    app = create_app(engine, api_key=args.api_key, allowed_image_dir=args.allowed_image_dir)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"mllm api: warning: listening on {args.host} without --api-key; anyone who can reach it can use it")
-    print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(_main, argv)
 
 
 @contextmanager

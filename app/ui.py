@@ -1,8 +1,7 @@
 """Gradio chat UI over ChatEngine: wiring only; conversations, limits and cancel live in the engine.
 
-    mllm ui [--model M] [--load-4bit|--load-8bit] [--device D] [--host 127.0.0.1] [--port 7860]
-
-Binds 127.0.0.1 unless told otherwise and never creates a public share link.
+`build(engine)` makes the Blocks app, `launch` serves it (the `mllm ui` command, app.cli, binds
+127.0.0.1 unless told otherwise) and never creates a public share link; `make_examples` writes the example images.
 """
 
 from __future__ import annotations
@@ -17,9 +16,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from app import Parser, add_model_args, load_engine, run
-from app.engine import ChatEngine, ChatError, Turn
+from app.conversation import Turn
+from app.engine import ChatEngine
+from app.scheduling import ChatError
 from mllm.generation import GenerationConfig
+from training.synth_scene import make_scene, render
 
 # System fonts: the default theme pulls Google Fonts, which an offline machine can't reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -27,8 +28,6 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 
 def make_examples(directory: Path) -> list[dict]:
     """Shapes-world scenes (always) and real photos from scikit-image (when installed), saved as PNG."""
-    from training.synth import make_scene, render
-
     directory.mkdir(parents=True, exist_ok=True)
     shapes = []
     for seed in (3, 7, 11):
@@ -205,21 +204,3 @@ def launch(demo: gr.Blocks, host: str, port: int, allowed: list[Path], block: bo
         quiet=True,
         ssr_mode=False,
     )
-
-
-def _main(argv: list[str]) -> int:
-    from mllm.llm import cache_root
-
-    p = Parser(prog="mllm ui", description="Chat with images in the browser.")
-    add_model_args(p, port=7860)
-    args = p.parse_args(argv)
-    engine = load_engine(args)
-    work = cache_root() / "ui"
-    demo = build(engine, make_examples(work / "examples"), export_dir=work / "exports")
-    print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
-    launch(demo, args.host, args.port, allowed=[work])
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(_main, argv)

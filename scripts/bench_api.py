@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
-from training.synth import make_scene, render
+from training.synth_scene import make_scene, render
 
 
 def data_uri(image) -> str:

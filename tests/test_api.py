@@ -15,8 +15,8 @@ from PIL import Image
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
+from mllm.assembly import build_model
 from mllm.generation import GenerationConfig
-from mllm.model import MLLM
 
 KEY = "test-key"
 
@@ -24,7 +24,7 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def model(tiny_config):
     torch.manual_seed(0)
-    return MLLM.build(tiny_config, device="cpu").eval()
+    return build_model(tiny_config, device="cpu").eval()
 
 
 @pytest.fixture(scope="module")

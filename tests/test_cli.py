@@ -8,12 +8,13 @@ import sys
 import pytest
 from PIL import Image
 
-from mllm.cli import main
+from app.cli import main
+from mllm.checkpoint import save_pretrained
 
 
 @pytest.fixture
 def checkpoint(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(tiny_model, tmp_path / "ckpt")
     return str(tmp_path / "ckpt")
 
 
@@ -79,7 +80,7 @@ def test_interactive_image_reset_quit(checkpoint, image_file, monkeypatch, capsy
 
 def test_process_exit_code_and_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mllm.cli", "chat", "--image", str(tmp_path / "missing.png"), "hi"],
+        [sys.executable, "-m", "app.cli", "chat", "--image", str(tmp_path / "missing.png"), "hi"],
         capture_output=True,
         text=True,
         timeout=120,

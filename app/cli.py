@@ -1,0 +1,274 @@
+"""The `mllm` command: `COMMANDS` maps each name to a function that parses its flags and calls the library.
+
+chat (a terminal chat, below), data validate / synth, train and eval (the training package's commands),
+convert and export (mllm.interop), ui (app.ui's Gradio app) and api (app.api's HTTP server). All are built
+on mllm.commandline: a user error (a bad flag, a missing or unreadable image, a model that does not load)
+prints one line on stderr and exits with status 2, never argparse's usage dump or a traceback.
+Each command imports what it runs when it runs, so `mllm --help` answers without loading torch or Gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mllm.commandline import EXIT_USAGE, Parser, UsageError, add_model_args, add_server_args, quantization, run
+from mllm.errors import ImageError, MLLMError
+
+
+def load_model(args: argparse.Namespace):
+    """The model that `add_model_args`' flags name; one that does not load is a one-line UsageError."""
+    from mllm import loading
+
+    try:
+        return loading.load_model(args.model, device=args.device, quantization=quantization(args))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {e}") from e
+
+
+def load_engine(args: argparse.Namespace, **limits):
+    """A ChatEngine (`mllm ui`, `mllm api`) over `load_model(args)`; `limits` are its queue sizes."""
+    from app.engine import ChatEngine
+
+    return ChatEngine(load_model(args), name=args.model, **limits)
+
+
+# ---- mllm chat ------------------------------------------------------------------------------------
+def cmd_chat(argv: list[str]) -> int:
+    p = Parser(prog="mllm chat", description="Chat about images in the terminal.")
+    p.add_argument("prompt", nargs="?", help="ask once, stream the answer and exit; omit for an interactive chat")
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    args = p.parse_args(argv)
+    gen = _gen_config(args)
+    # Read every image before the (slow) model load, so a typo fails in milliseconds.
+    images = [_read_image(path) for path in args.image]
+    from mllm.session import ChatSession
+
+    session = ChatSession(load_model(args), system=args.system, gen=gen)
+    if args.prompt is not None:
+        _print_reply(session, args.prompt, images)
+        return 0
+    return _interactive(session, images)
+
+
+def _gen_config(args: argparse.Namespace):
+    from mllm.generation import GenerationConfig
+
+    try:
+        return GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _read_image(path: str):
+    from mllm.image_processing import load_image
+
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise UsageError(str(e)) from e
+
+
+def _print_reply(session, text: str, images: list) -> None:
+    try:
+        for piece in session.send(text, images):
+            print(piece, end="", flush=True)
+    except MLLMError as e:  # image count, over-long conversation ...
+        raise UsageError(str(e)) from e
+    print()
+
+
+def _interactive(session, pending: list) -> int:
+    print("mllm chat: /image FILE adds an image to your next message, /reset clears, /quit exits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            pending = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            try:
+                pending.append(_read_image(line[len("/image") :].strip()))
+                print(f"(image added; {len(pending)} waiting for your next message)", file=sys.stderr)
+            except UsageError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            _print_reply(session, line, pending)
+        except UsageError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n(stopped)", file=sys.stderr)
+        pending = []
+
+
+# ---- the training package's commands --------------------------------------------------------------
+def cmd_data(argv: list[str]) -> int:
+    """`mllm data validate ...` / `mllm data synth ...`."""
+    from training import synth, validate
+
+    subcommands = {"validate": validate.main, "synth": synth.main}
+    if not argv or argv[0] not in subcommands:
+        raise UsageError(f"mllm data: choose a subcommand: {', '.join(subcommands)}")
+    return subcommands[argv[0]](argv[1:])
+
+
+def cmd_train(argv: list[str]) -> int:
+    from training import train
+
+    return train.main(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from training import evaluate
+
+    return evaluate.main(argv)
+
+
+# ---- mllm convert / mllm export -------------------------------------------------------------------
+def cmd_convert(argv: list[str]) -> int:
+    """mllm convert --from {llava,blip2,instructblip} SRC OUT [--template NAME]"""
+    from mllm.interop import convert
+    from mllm.templates import NAMED_TEMPLATES
+
+    p = Parser(
+        prog="mllm convert",
+        description="Import a transformers LLaVA / BLIP-2 / InstructBLIP checkpoint directory as an mllm checkpoint "
+        "(tower and LLM weights are copied into OUT/vision and OUT/llm).",
+    )
+    p.add_argument("--from", dest="source", required=True, choices=["llava", "blip2", "instructblip"])
+    p.add_argument("src", help="transformers checkpoint directory (e.g. a llava-hf/llava-1.5-7b-hf snapshot)")
+    p.add_argument("out", help="where to write the mllm checkpoint")
+    p.add_argument(
+        "--template",
+        choices=sorted(NAMED_TEMPLATES),
+        default=None,
+        help="LLaVA only: a named chat template instead of the checkpoint's own",
+    )
+    args = p.parse_args(argv)
+    return _print_written(p.prog, convert, args.src, args.out, source=args.source, template=args.template)
+
+
+def cmd_export(argv: list[str]) -> int:
+    """mllm export CKPT OUT --format hf-llava [--merge-lora] [--dtype auto|float32|float16|bfloat16]"""
+    from mllm.interop import export_hf_llava
+    from mllm.interop.export import DTYPES, FORMATS
+
+    p = Parser(
+        prog="mllm export",
+        description="Export an mllm checkpoint for transformers / vLLM / SGLang (LlavaForConditionalGeneration).",
+    )
+    p.add_argument("checkpoint", help="mllm checkpoint directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: the base LLM's)")
+    args = p.parse_args(argv)
+    return _print_written(
+        p.prog, export_hf_llava, args.checkpoint, args.out, merge_lora=args.merge_lora, dtype=args.dtype
+    )
+
+
+def _print_written(prog: str, write: Callable[..., Path], *args, **kwargs) -> int:
+    """Call `write(*args, **kwargs)` and print the directory it wrote; a bad source or target is one line."""
+    try:
+        out = write(*args, **kwargs)
+    except (ValueError, OSError) as e:  # OSError: a missing source, an existing target, a full disk ...
+        raise UsageError(f"{prog}: {e}") from e
+    print(out)
+    return 0
+
+
+# ---- mllm ui / mllm api ---------------------------------------------------------------------------
+def cmd_ui(argv: list[str]) -> int:
+    from app import ui
+    from mllm.llm import cache_root
+
+    p = Parser(prog="mllm ui", description="Chat with images in the browser.")
+    add_model_args(p)
+    add_server_args(p, port=7860)
+    args = p.parse_args(argv)
+    engine = load_engine(args)
+    work = cache_root() / "ui"
+    demo = ui.build(engine, ui.make_examples(work / "examples"), export_dir=work / "exports")
+    print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
+    ui.launch(demo, args.host, args.port, allowed=[work])
+    return 0
+
+
+def cmd_api(argv: list[str]) -> int:
+    import uvicorn
+
+    from app.api import create_app
+
+    p = Parser(prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API.")
+    add_model_args(p)
+    add_server_args(p, port=8000)
+    p.add_argument("--api-key", default=os.environ.get("MLLM_API_KEY"), help="require this bearer token")
+    p.add_argument("--allowed-image-dir", default=None, help="let requests name image files under this folder")
+    p.add_argument("--max-concurrency", type=int, default=4, help="replies generated at once (they take turns)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503")
+    args = p.parse_args(argv)
+    if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
+        raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise UsageError("mllm api: need --max-concurrency >= 1 and --max-queue >= 0")
+    engine = load_engine(args, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    app = create_app(engine, api_key=args.api_key, allowed_image_dir=args.allowed_image_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"mllm api: warning: listening on {args.host} without --api-key; anyone who can reach it can use it")
+    print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "chat": cmd_chat,
+    "data": cmd_data,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "convert": cmd_convert,
+    "export": cmd_export,
+    "ui": cmd_ui,
+    "api": cmd_api,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mllm {" + ",".join(COMMANDS) + "} [options]   (mllm COMMAND --help for details)")
+        return 0 if argv else EXIT_USAGE
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"mllm: unknown command {argv[0]!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise in a terminal chat
+    return run(command, argv[1:], prog=f"mllm {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
