@@ -17,11 +17,10 @@ import threading
 import time
 
 import torch
-from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
-from mllm.checkpoint import load_model
-from mllm.generation import GenerationConfig, stream_ids
+from mllm.generation import GenerationConfig, Reply, image_features, stream
+from mllm.loading import load_model
 from mllm.session import ChatSession
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -54,16 +53,18 @@ class PeakRSS:
 
 
 def bench_mllm(model, input_ids, features, n_tokens):
-    """Our decode loop: (prefill_s, ttft_s, decode_tok_s, rss_growth)."""
+    """Our decode recipe, as every mllm entry point runs it: (prefill_s, ttft_s, decode_tok_s, rss_growth)."""
     gen = GenerationConfig(max_new_tokens=n_tokens, ignore_eos=True)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        it = stream_ids(model, input_ids, DynamicCache(config=model.llm.config), [], gen, features)
-        next(it)
+        reply = Reply(model, input_ids, gen, features=features)
+        next(reply)  # a piece of text: the first token (or the first whole character)
         t1 = time.perf_counter()
-        rest = sum(1 for _ in it)
+        first = len(reply.ids)
+        for _ in reply:
+            pass
         t2 = time.perf_counter()
-    return t1 - t0, t1 - t0, rest / (t2 - t1), mem.growth
+    return t1 - t0, t1 - t0, (len(reply.ids) - first) / (t2 - t1), mem.growth
 
 
 @torch.inference_mode()
@@ -105,7 +106,7 @@ def bench_follow_up(model, image, repeats):
         reuse.append(time.perf_counter() - t0)
         messages, images = session.messages[:-1], session.images
         t0 = time.perf_counter()
-        next(model.stream(messages, images, gen=gen))
+        next(stream(model, messages, images, gen=gen))
         reprefill.append(time.perf_counter() - t0)
     return history, statistics.median(reuse), statistics.median(reprefill)
 
@@ -125,8 +126,7 @@ def main(argv=None) -> int:
     image = Image.fromarray(data.chelsea())
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
     encoded = model.processor.encode(messages, [image], add_generation_prompt=True)
-    with torch.inference_mode():
-        features = model.get_image_features(model.processor.pixel_values([image]))
+    features = image_features(model, encoded)
     bench_mllm(model, encoded.input_ids, features, 4)  # warm-up both paths
     bench_transformers(model, encoded.input_ids, features, 4)
     ours, theirs = [], []

@@ -27,7 +27,8 @@ from bench_infer import bench_mllm  # scripts/ is on sys.path when a script runs
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
-from mllm.checkpoint import load_model
+from mllm.generation import image_features
+from mllm.loading import load_model
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -70,8 +71,7 @@ def measure(args) -> dict:
         rss_loaded = rss_bytes()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
         encoded = model.processor.encode(messages, [image], add_generation_prompt=True)
-        with torch.inference_mode():
-            features = model.get_image_features(model.processor.pixel_values([image]).to(model.device))
+        features = image_features(model, encoded)
         prefill_ms, tok_s = speed(model, encoded.input_ids, features, args.tokens, args.repeats)
         accuracy = evaluate(model, rows, progress=False)[0]["accuracy"] if rows else None
     return {
