@@ -4,7 +4,7 @@ chat (a terminal chat, below), data validate / synth, train and eval (the traini
 convert and export (mllm.interop), ui (app.ui's Gradio app) and api (app.api's HTTP server). All are built
 on mllm.commandline: a user error (a bad flag, a missing or unreadable image, a model that does not load)
 prints one line on stderr and exits with status 2, never argparse's usage dump or a traceback.
-Each command imports what it runs when it runs, so `mllm --help` answers without loading torch or Gradio.
+Each command imports what it runs when it runs: `mllm --help` loads neither Gradio, FastAPI nor the training package.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from mllm.errors import ImageError, MLLMError
 
 def load_model(args: argparse.Namespace):
     """The model that `add_model_args`' flags name; one that does not load is a one-line UsageError."""
-    from mllm import loading
+    import mllm.loading
 
     try:
-        return loading.load_model(args.model, device=args.device, quantization=quantization(args))
+        return mllm.loading.load_model(args.model, device=args.device, quantization=quantization(args))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {e}") from e
 
@@ -202,7 +202,7 @@ def _print_written(prog: str, write: Callable[..., Path], *args, **kwargs) -> in
 
 # ---- mllm ui / mllm api ---------------------------------------------------------------------------
 def cmd_ui(argv: list[str]) -> int:
-    from app import ui
+    from app.ui import build, launch, make_examples
     from mllm.llm import cache_root
 
     p = Parser(prog="mllm ui", description="Chat with images in the browser.")
@@ -211,9 +211,9 @@ def cmd_ui(argv: list[str]) -> int:
     args = p.parse_args(argv)
     engine = load_engine(args)
     work = cache_root() / "ui"
-    demo = ui.build(engine, ui.make_examples(work / "examples"), export_dir=work / "exports")
+    demo = build(engine, make_examples(work / "examples"), export_dir=work / "exports")
     print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
-    ui.launch(demo, args.host, args.port, allowed=[work])
+    launch(demo, args.host, args.port, allowed=[work])
     return 0
 
 
