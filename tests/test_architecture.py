@@ -91,3 +91,34 @@ def test_the_checker_sees_cycles_and_function_level_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from mllm.model import MLLM\n")
     assert _imports(source, {"mllm.model"}, name="mllm.m") == {"mllm.model"}
+
+
+def test_loading_a_checkpoint_never_calls_back_up_the_path(tiny_model, tmp_path):
+    """Loading walks down: no call goes back into a module that is already on the call path (the old loader
+    went model -> checkpoint -> interop -> model ...)."""
+    import sys
+
+    from mllm.checkpoint import save_pretrained
+    from mllm.loading import load_model
+
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    root = str(REPO / "mllm") + "/"
+    back_calls = []
+
+    def profile(frame, event, arg):
+        if event != "call" or not frame.f_code.co_filename.startswith(root):
+            return
+        files, caller = [], frame.f_back
+        while caller is not None:
+            if caller.f_code.co_filename.startswith(root) and (not files or files[-1] != caller.f_code.co_filename):
+                files.append(caller.f_code.co_filename)
+            caller = caller.f_back
+        if files and files[0] != frame.f_code.co_filename and frame.f_code.co_filename in files:
+            back_calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name} via {files[::-1]}")
+
+    sys.setprofile(profile)
+    try:
+        load_model(str(tmp_path / "ckpt"), device="cpu")
+    finally:
+        sys.setprofile(None)
+    assert not back_calls, back_calls[:5]
