@@ -20,7 +20,7 @@ from mllm.errors import CheckpointError, MLLMError
 from mllm.image_processing import ImageProcessor
 from mllm.llm import attach_lora, load_llm, load_tokenizer
 from mllm.model import MLLM
-from mllm.processor import Processor
+from mllm.processor import Processor, tokenizer_limit
 from mllm.templates import resolve_template
 from mllm.vision import build_vision
 
@@ -79,6 +79,9 @@ def assemble(
             f"tokens_per_image={config.tokens_per_image} but the tower + connector give {connector.num_tokens}; "
             "the checkpoint's config does not match its weights"
         )
+    # One source of truth for the context length: the config, else the tokenizer's limit, else the LLM's.
+    context_length = config.context_length or tokenizer_limit(tokenizer) or llm.config.max_position_embeddings
+    config = config.replace(tokens_per_image=connector.num_tokens, context_length=context_length)
     image_processor = ImageProcessor(
         image_size=vision.image_size,
         image_mean=tuple(vision.image_mean),
@@ -88,7 +91,7 @@ def assemble(
     processor = Processor.for_model(
         config, tokenizer, template, image_processor, connector.num_tokens, qformer_tokenizer
     )
-    model = MLLM(config.replace(tokens_per_image=connector.num_tokens), vision, connector, llm, processor)
+    model = MLLM(config, vision, connector, llm, processor)
     return model.place(device).train(trainable)
 
 

@@ -166,6 +166,9 @@ class MLLMConfig:
     """Image tokens the LLM sees per image (derived from tower + connector; stored to check on load)."""
     max_images: int = 8
     """Most images one conversation may carry."""
+    context_length: int | None = None
+    """Most tokens one conversation may hold, prompt and reply. None: found when the model is built (the
+    tokenizer's own limit, else the LLM's `max_position_embeddings`); saved checkpoints store it."""
     tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "frozen", "llm": "frozen"})
     """What was trained, per component: frozen | full | lora | qlora (decides which weights a checkpoint holds)."""
 
@@ -177,6 +180,8 @@ class MLLMConfig:
         if not self.image_token:
             raise ValueError("image_token must be a non-empty string such as '<image>'")
         _check_positive("mllm", "max_images", self.max_images)
+        if self.context_length is not None:
+            _check_positive("mllm", "context_length", self.context_length)
         for part, how in self.tune.items():
             _check_choice("tune", part, how, TUNE_TYPES)
             if part not in ("vision", "connector", "llm"):

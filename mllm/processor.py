@@ -64,9 +64,7 @@ class Processor:
         self.image_token = image_token
         self.tokens_per_image = tokens_per_image
         self.max_images = max_images
-        self.max_length = max_length or getattr(tokenizer, "model_max_length", None)
-        if self.max_length is not None and self.max_length > 1_000_000:  # tokenizers' "unset" sentinel
-            self.max_length = None
+        self.max_length = max_length or tokenizer_limit(tokenizer)
         # The placeholder must be one token so expansion is a plain id substitution. Its id may lie
         # past the LLM's vocabulary: the model overwrites those embeddings before the LLM sees them.
         if image_token not in tokenizer.get_vocab():
@@ -105,6 +103,7 @@ class Processor:
             config.image_token,
             tokens_per_image,
             config.max_images,
+            max_length=config.context_length,
             qformer_tokenizer=qformer_tokenizer,
             qformer_max_length=config.connector.qformer_max_text_positions if reads_text else None,
         )
@@ -328,6 +327,12 @@ class Processor:
             "resize_mode": self.image_processor.resize_mode,
         }
         (directory / IMAGE_PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def tokenizer_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The tokenizer's own `model_max_length`, or None where it is transformers' "unset" sentinel (1e30)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if limit is not None and limit <= 1_000_000 else None
 
 
 def read_text_parts(directory: str | Path, config: MLLMConfig) -> tuple[PreTrainedTokenizerBase, str, object]:

@@ -199,3 +199,50 @@ def test_text_stream_holds_back_a_split_character_and_flushes_the_rest():
     assert text.push("€".encode()[0]) == ""
     assert text.flush() == "\ufffd"  # the reply ended mid-character: shown as a one-shot decode shows it
     assert text.flush() == ""
+
+
+def test_typed_errors_name_each_kind_of_bad_request(tiny_model, images):
+    """Callers (the engine, the API, the CLI) tell errors apart by type and code, never by wording."""
+    from mllm import ContextLengthError, MessageError, MLLMError, TooManyImagesError
+
+    processor = tiny_model.processor
+    with pytest.raises(MessageError) as wrong_count:
+        processor.encode(_ask("what color", n_images=2), images[:1])
+    with pytest.raises(MessageError):
+        processor.encode([{"role": "robot", "content": "hi"}])
+    with pytest.raises(MessageError):
+        processor.encode([{"role": "user", "content": [{"type": "input_audio"}]}])
+    with pytest.raises(TooManyImagesError) as too_many:
+        processor.encode(_ask("many", n_images=processor.max_images + 1), images[:1] * (processor.max_images + 1))
+    with pytest.raises(ContextLengthError) as too_long:
+        processor.encode([{"role": "user", "content": "hello " * (processor.max_length + 1)}])
+    with pytest.raises(ImageError) as bad_image:
+        processor.pixel_values([b"not an image"])
+    codes = [e.value.code for e in (wrong_count, too_many, too_long, bad_image)]
+    assert codes == ["invalid_request", "too_many_images", "context_length_exceeded", "invalid_image"]
+    assert all(isinstance(e.value, MLLMError) for e in (wrong_count, too_many, too_long, bad_image))
+
+
+def test_processor_loads_on_its_own_and_encodes_like_the_models(tiny_model, images, tmp_path):
+    """`Processor.from_pretrained` reads a checkpoint's processor without any weights; it encodes exactly as the
+    loaded model's processor does."""
+    from mllm import Processor
+
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    alone = Processor.from_pretrained(tmp_path / "ckpt")
+    messages = _ask("what color") + [{"role": "assistant", "content": "red"}]
+    ours, theirs = alone.encode(messages, images[:1]), tiny_model.processor.encode(messages, images[:1])
+    assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.labels, theirs.labels)
+    assert torch.equal(alone.pixel_values(images), tiny_model.processor.pixel_values(images))
+    assert (alone.max_images, alone.tokens_per_image, alone.stop_token_ids) == (
+        tiny_model.processor.max_images,
+        tiny_model.processor.tokens_per_image,
+        tiny_model.processor.stop_token_ids,
+    )
+
+
+def test_public_entry_points():
+    import mllm
+
+    assert {"load_model", "ChatSession", "generate", "Processor", "MLLMError"} <= set(mllm.__all__)
+    assert all(hasattr(mllm, name) for name in mllm.__all__)

@@ -22,10 +22,8 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
     LlavaProcessor,
 )
 
@@ -171,6 +169,10 @@ def _grow_vocabulary(llava: LlavaForConditionalGeneration, vocab: int) -> None:
 
 def build_processor(model: MLLM) -> LlavaProcessor:
     """A LlavaProcessor that turns list-content messages + images into the ids and pixels mllm uses."""
+    # Imported here, not at the top: without torchvision, transformers warns as soon as these names are
+    # imported; the export writes their standard (torchvision-free on load) configs either way.
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
     ours = model.processor.image_processor
     size = ours.image_size
     common = dict(image_mean=list(ours.image_mean), image_std=list(ours.image_std), resample=3, do_convert_rgb=True)
