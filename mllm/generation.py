@@ -90,7 +90,7 @@ def stream_ids(
     history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
     embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
     # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
-    out = llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
     for _ in range(gen.max_new_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled
@@ -105,7 +105,7 @@ def stream_ids(
             return
         yield token
         history.append(token)
-        out = llm(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
+        out = llm(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
 
 
 class TextStream:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +25,13 @@ from mllm.errors import CheckpointError
 from mllm.hf_checkpoints import detect_format, quiet_loading
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Noise a user cannot act on, silenced at its source and nowhere else:
+# - bitsandbytes' CPU backend tries to fetch an optional kernel from a hub at import, and logs a warning
+#   when it can't (its own kernels work without it);
+# - peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Where each multimodal format keeps its LLM: checkpoint-key regex -> AutoModelForCausalLM key. Both the layout
 # written by transformers < 5 / llava-hf on the hub (`language_model.model.*`, `language_model.lm_head.*`) and
