@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -29,8 +30,15 @@ from app.api_stream import Completion
 from app.engine import ChatEngine
 from app.scheduling import ChatError
 
+MAX_BODY_BYTES = 64 * 2**20  # a request with a few large base64 images fits; a runaway one does not
 
-def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir: str | Path | None = None) -> FastAPI:
+
+def create_app(
+    engine: ChatEngine,
+    api_key: str | None = None,
+    allowed_image_dir: str | Path | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
     allowed_dir = Path(allowed_image_dir).resolve() if allowed_image_dir is not None else None
     # Threads that wait on the engine (queued or generating) get their own pool, so a full queue
     # never starves the default pool that serves everything else.
@@ -45,6 +53,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir
             raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     app = FastAPI(title="mllm", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
     card = {"id": engine.model_id, "object": "model", "created": created, "owned_by": "mllm"}
 
@@ -71,7 +80,9 @@ def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir
         except ValueError as e:
             raise APIError(400, str(e)) from e
         # complete() checks the request (images, length, queue) before anything streams.
-        stream = await anyio.to_thread.run_sync(engine.complete, messages, gen, limiter=limiter)
+        exact = (request.max_completion_tokens or request.max_tokens) is not None
+        complete = partial(engine.complete, messages, gen, exact_max_tokens=exact)
+        stream = await anyio.to_thread.run_sync(complete, limiter=limiter)
         completion = Completion(stream, request, engine.model_id, limiter)
         if request.stream:
             return StreamingResponse(completion.sse(), media_type="text/event-stream")
@@ -108,6 +119,47 @@ def create_app(engine: ChatEngine, api_key: str | None = None, allowed_image_dir
         return error_response(e.status_code, str(e.detail), None, None)
 
     return app
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with 413, before the app parses it: from Content-Length when the
+    client sends one, else by counting a chunked body as it arrives (it is then replayed to the app)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        mib = self.max_bytes / 2**20
+        response = error_response(
+            413, f"the request body is over {mib:g} MiB; send fewer or smaller images", None, "request_too_large"
+        )
+        await response(scope, receive, send)
 
 
 @contextmanager

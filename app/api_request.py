@@ -38,9 +38,13 @@ class ImageURL(BaseModel):
     url: str
 
 
+SUPPORTED_PARTS = ("text", "image_url")
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["text", "image_url"]
+    type: str
+    """Any OpenAI part type parses; `to_messages` refuses those other than SUPPORTED_PARTS by name."""
     text: str | None = None
     image_url: ImageURL | str | None = None
 
@@ -127,6 +131,14 @@ def to_messages(request: ChatRequest, allowed_dir: Path | None) -> list[dict]:
         parts = []
         for j, part in enumerate(message.content):
             param = f"messages[{i}].content[{j}]"
+            if part.type not in SUPPORTED_PARTS:
+                raise APIError(
+                    400,
+                    f"messages[{i}].content[{j}]: content part type {part.type!r} is not supported; "
+                    "send text and image_url parts",
+                    param,
+                    "unsupported_content_part",
+                )
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text or ""})
             elif role != "user":

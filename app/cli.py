@@ -229,13 +229,19 @@ def cmd_api(argv: list[str]) -> int:
     p.add_argument("--allowed-image-dir", default=None, help="let requests name image files under this folder")
     p.add_argument("--max-concurrency", type=int, default=4, help="replies generated at once (they take turns)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503")
+    p.add_argument("--max-body-mb", type=float, default=64, help="larger request bodies get 413")
     args = p.parse_args(argv)
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise UsageError("mllm api: need --max-concurrency >= 1 and --max-queue >= 0")
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0:
+        raise UsageError("mllm api: need --max-concurrency >= 1, --max-queue >= 0 and --max-body-mb > 0")
     engine = load_engine(args, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
-    app = create_app(engine, api_key=args.api_key, allowed_image_dir=args.allowed_image_dir)
+    app = create_app(
+        engine,
+        api_key=args.api_key,
+        allowed_image_dir=args.allowed_image_dir,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"mllm api: warning: listening on {args.host} without --api-key; anyone who can reach it can use it")
     print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)

@@ -204,8 +204,12 @@ class ChatEngine:
             return stream
 
     # ---- stateless completion (the API) ---------------------------------------------------------
-    def complete(self, messages: list[dict], gen=None, cancel=None, on_queue=None) -> Stream:
-        """Answer `messages` (mllm's format; image parts carry their `image`) with no stored state."""
+    def complete(self, messages: list[dict], gen=None, cancel=None, on_queue=None, exact_max_tokens=False) -> Stream:
+        """Answer `messages` (mllm's format; image parts carry their `image`) with no stored state.
+
+        A reply stops at the context length. With `exact_max_tokens` (the client asked for a number of tokens)
+        a prompt that leaves less room than `gen.max_new_tokens` is refused, as OpenAI refuses it.
+        """
         messages, n = [dict(m) for m in messages], 0
         with _user_errors():
             for message in messages:
@@ -221,6 +225,14 @@ class ChatEngine:
             with self._model_lock:
                 encoded = self.model.processor.encode(messages, add_generation_prompt=True)
         gen = gen or self.gen
+        limit, prompt = self.model.processor.max_length, len(encoded.input_ids)
+        if exact_max_tokens and limit is not None and prompt + gen.max_new_tokens > limit:
+            raise ChatError(
+                f"this model's maximum context length is {limit} tokens, but {prompt + gen.max_new_tokens} were "
+                f"requested ({prompt} in the messages, {gen.max_new_tokens} in the completion); reduce the length "
+                "of the messages or max_tokens",
+                "context_length_exceeded",
+            )
         start = partial(self._generate, encoded, gen)  # called with the Stream
         stream = Stream(self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors)
         stream.prompt_tokens = len(encoded.input_ids)

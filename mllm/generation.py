@@ -73,6 +73,7 @@ def stream_ids(
     gen: GenerationConfig,
     image_features: torch.Tensor | None = None,
     cancel: threading.Event | None = None,
+    max_new_tokens: int | None = None,
 ) -> Iterator[int]:
     """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token.
 
@@ -80,6 +81,7 @@ def stream_ids(
     the cache is extended in place, so after the loop it holds context + new_ids + all yielded
     tokens but the last. `image_features` (n_img, N_img, D_llm) are those of the images in `new_ids`,
     computed by the caller (`image_features`, which passes instructions to a text-reading Q-Former).
+    `max_new_tokens` (default `gen.max_new_tokens`) bounds the reply; `Reply` passes what the context has room for.
     """
     llm, processor = model.llm, model.processor
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
@@ -91,7 +93,7 @@ def stream_ids(
     embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
     # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
     out = llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-    for _ in range(gen.max_new_tokens):
+    for _ in range(gen.max_new_tokens if max_new_tokens is None else max_new_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled
         scores = out.logits[:, -1].float()  # (1, V)
@@ -175,17 +177,22 @@ class Reply(Iterator[str]):
         self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
         self.finish_reason: str | None = None
         self._text = TextStream(model.processor)
-        tokens = stream_ids(model, new_ids, self.cache, context_ids or [], gen, features, cancel)
-        self._pieces = self._run(tokens, gen.max_new_tokens)
+        context_ids = context_ids or []
+        # The reply stops at the context length whatever max_new_tokens says ("length", as at max_new_tokens).
+        self.max_new_tokens = gen.max_new_tokens
+        if (limit := model.processor.max_length) is not None:
+            self.max_new_tokens = max(0, min(gen.max_new_tokens, limit - len(context_ids) - len(new_ids)))
+        tokens = stream_ids(model, new_ids, self.cache, context_ids, gen, features, cancel, self.max_new_tokens)
+        self._pieces = self._run(tokens)
 
     @property
     def ids(self) -> list[int]:
         return self._text.ids
 
-    def _run(self, tokens: Iterator[int], max_new_tokens: int) -> Iterator[str]:
+    def _run(self, tokens: Iterator[int]) -> Iterator[str]:
         try:
             yield from self._text.pieces(tokens)
-            self.finish_reason = "length" if len(self.ids) >= max_new_tokens else "stop"
+            self.finish_reason = "length" if len(self.ids) >= self.max_new_tokens else "stop"
         except Cancelled:
             self.finish_reason = "cancelled"
 

@@ -14,6 +14,7 @@ tokenized with the Q-Former's own (BERT) tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +140,10 @@ class Processor:
             content = message["content"]
             if isinstance(content, list):
                 pieces = []
-                for part in content:
+                for j, part in enumerate(content):
                     kind = part.get("type") if isinstance(part, dict) else None
                     if kind == "text":
-                        pieces.append(part["text"])
+                        pieces.append(_checked_text(part.get("text"), f"message {i}, part {j}"))
                     elif kind == "image":
                         pieces.append(self.image_token + "\n")
                         if part.get("image") is not None:
@@ -152,7 +153,9 @@ class Processor:
                             f"message {i} has a content part of unknown type {kind!r}; use text or image"
                         )
                 content = "".join(pieces).rstrip("\n") if pieces else ""
-            elif not isinstance(content, str):
+            elif isinstance(content, str):
+                _checked_text(content, f"message {i}")
+            else:
                 raise MessageError(f"message {i} content must be a string or a list of parts")
             flat.append({"role": message["role"], "content": content})
         if inline and images:
@@ -199,6 +202,8 @@ class Processor:
         Over `max_length`: raise (serving) or cut at the end (`truncate`, training), never inside an image.
         """
         flat, sources = self._flatten(messages, images)
+        if self.max_length is not None and not truncate:
+            self._check_size(flat)
         qformer_ids = self._qformer_ids(flat) if self.qformer_tokenizer is not None else None
         text = render(self.tokenizer, self.template, flat, add_generation_prompt)
         spans = self._supervised_spans(flat, text)
@@ -226,6 +231,23 @@ class Processor:
         return Encoded(
             torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), sources, qformer_ids
         )
+
+    def _check_size(self, flat: list[dict]) -> None:
+        """Refuse a conversation too long for the context from its length in characters, before rendering
+        or tokenizing it: no token is longer than `_chars_per_token` characters, so more characters than
+        that many per token of the limit means more tokens than the limit."""
+        chars = sum(len(m["content"]) for m in flat)
+        if chars > self.max_length * self._chars_per_token:
+            raise ContextLengthError(
+                f"the conversation is {chars:,} characters, more than this model's limit of {self.max_length} "
+                "tokens can hold; start a new conversation (reset) or shorten the messages"
+            )
+
+    @functools.cached_property
+    def _chars_per_token(self) -> int:
+        # Twice the longest vocabulary entry: a normalizer may compose characters (NFKC), so a token can
+        # cover up to about twice its own length of input.
+        return 2 * max(len(token) for token in self.tokenizer.get_vocab())
 
     def _qformer_ids(self, flat: list[dict]) -> list[list[int]]:
         """Per image, in placeholder order, the Q-Former ids of the text of the message that holds it."""
@@ -327,6 +349,20 @@ class Processor:
             "resize_mode": self.image_processor.resize_mode,
         }
         (directory / IMAGE_PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _checked_text(text, where: str) -> str:
+    """`text` if the tokenizer can take it: a string of valid Unicode (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise MessageError(f"{where}: text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MessageError(
+            f"{where}: the text is not valid Unicode (a lone surrogate {text[e.start]!r} at character {e.start}); "
+            "send UTF-8 text"
+        ) from None
+    return text
 
 
 def tokenizer_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:

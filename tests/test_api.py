@@ -140,12 +140,12 @@ def test_full_queue_is_503(model):
     try:
         with serving(create_app(engine)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-            first = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=1000, stream=True)
+            first = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=480, stream=True)
             next(iter(first))
             with pytest.raises(openai.InternalServerError) as err:
                 client.chat.completions.create(model="tiny", messages=ask("hi"))
             assert err.value.status_code == 503 and "busy" in err.value.message
-            first.close()  # the client goes away: the server must stop, not spend 20 s on 1000 tokens
+            first.close()  # the client goes away: the server must stop, not spend 10 s on 480 tokens
             deadline = time.monotonic() + 5
             while engine.info()["running"] and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -172,3 +172,92 @@ def test_sixteen_concurrent_conversations_do_not_cross_talk(client):
     assert together == alone
     assert len(set(alone)) > 1  # the images do change the answers, so a mix-up would show
     assert [m.id for m in client.models.list()] == ["tiny"]  # still serving
+
+
+# ---- requests that must never wedge the server or reach a 500 --------------------------------------------------
+def _post(server: str, body, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
+    return httpx.post(f"{server}/v1/chat/completions", headers=headers, timeout=60, **kwargs, json=body)
+
+
+def test_a_huge_request_is_refused_at_once_with_context_length_exceeded(server, model):
+    words = "lorem ipsum dolor sit amet " * 12_000  # 60,000 words, far past the tiny model's 512 tokens
+    t0 = time.perf_counter()
+    r = _post(server, {"model": "tiny", "messages": [{"role": "user", "content": words}]})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "limit of 512 tokens" in r.json()["error"]["message"]
+    assert elapsed < 1.0, f"refusing took {elapsed:.2f} s"
+    just_over = "hello " * 600  # a few characters per token: only the tokenizer can tell, and it does
+    r = _post(server, {"model": "tiny", "messages": [{"role": "user", "content": just_over}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_max_tokens_past_the_context_is_refused_and_the_default_is_clamped(server, model):
+    r = _post(server, {"model": "tiny", "messages": ask("hello"), "max_tokens": 100_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "maximum context length is 512 tokens" in r.json()["error"]["message"]
+    # A prompt 2 tokens short of the context, no max_tokens: the server's default (8) is cut to what fits.
+    n = next(n for n in range(100, 300) if len(model.processor.encode(ask("hi " * n), [], True).input_ids) >= 510)
+    prompt = len(model.processor.encode(ask("hi " * n), [], True).input_ids)
+    r = _post(server, {"model": "tiny", "messages": ask("hi " * n), "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == prompt and usage["prompt_tokens"] + usage["completion_tokens"] <= 512
+
+
+def test_text_the_tokenizer_cannot_take_is_a_400_naming_message_and_part(server):
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi \\ud800"}]}]}'
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=body.encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert "message 0, part 0" in r.json()["error"]["message"] and "surrogate" in r.json()["error"]["message"]
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff alone"}]}'
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=body.encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "message 0" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("kind", ["input_audio", "file", "refusal", "input_image"])
+def test_unsupported_content_parts_are_refused_by_name(server, kind):
+    messages = [{"role": "user", "content": [{"type": kind, kind: {"data": "AAAA"}}, {"type": "text", "text": "hi"}]}]
+    r = _post(server, {"model": "tiny", "messages": messages})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert f"content part type {kind!r} is not supported; send text and image_url parts" in error["message"]
+    assert error["param"] == "messages[0].content[0]"
+
+
+def test_a_body_over_the_limit_is_413_with_or_without_content_length(model):
+    engine = ChatEngine(model, name="tiny", gen=GenerationConfig(max_new_tokens=2))
+    with serving(create_app(engine, max_body_bytes=10_000)) as url:
+        big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 20_000}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=big, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+        def chunks():  # no Content-Length: the body arrives chunked
+            yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"x" * 1000
+            yield b'"}]}'
+
+        json_type = {"Content-Type": "application/json"}
+        r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers=json_type, timeout=30)
+        assert r.status_code == 413, r.text
+        small = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=small, timeout=30).status_code == 200
+
+        def small_chunks():
+            yield b'{"model": "tiny", "messages": [{"role": "user", "content": "hel'
+            yield b'lo"}]}'
+
+        r = httpx.post(f"{url}/v1/chat/completions", content=small_chunks(), headers=json_type, timeout=30)
+        assert r.status_code == 200, r.text
