@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mllm.checkpoint import DEMO_DIR
+from mllm.loading import DEMO_DIR
 from training.data import read_rows
 from training.evaluate import evaluate
-from training.synth import make_scene, render, scene_rng, write_dataset
+from training.synth import scene_rng, write_dataset
+from training.synth_scene import make_scene, render
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ README_REPHRASED_ACCURACY = 0.96
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     assert (DEMO_DIR / "mllm_config.json").is_file(), "the demo weights are missing from mllm/assets/demo"
     return load_model("default", device="cpu")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import synth
+from training import synth, synth_language, synth_scene
 
 SPLITS = ("train", "val", "test")
 
@@ -19,9 +19,9 @@ def _scenes(n: int, seed: int = 0, **knobs):
     out = []
     for i in range(n):
         rng = random.Random(seed * 100_003 + i)
-        scene = synth.make_scene(rng, **knobs)
-        cap = synth.caption(scene, rng)
-        out.append((scene, cap, synth.questions(scene, rng, caption_text=cap)))
+        scene = synth_scene.make_scene(rng, **knobs)
+        cap = synth_language.caption(scene, rng)
+        out.append((scene, cap, synth_language.questions(scene, rng, caption_text=cap)))
     return out
 
 
@@ -90,10 +90,13 @@ def test_scene_layout_is_unambiguous():
         assert len({o.position for o in objs}) == len(objs)
         for i, a in enumerate(objs):
             x0, y0, x1, y1 = a.bbox
-            assert 0 < x0 and 0 < y0 and x1 < synth.CANVAS and y1 < synth.CANVAS
+            assert 0 < x0 and 0 < y0 and x1 < synth_scene.CANVAS and y1 < synth_scene.CANVAS
             # The centre sits well away from the thirds borders, so its position word is clear.
             for v in (a.cx, a.cy):
-                assert min(abs(v - b) for b in (0, synth.CANVAS / 3, 2 * synth.CANVAS / 3, synth.CANVAS)) > 20
+                assert (
+                    min(abs(v - b) for b in (0, synth_scene.CANVAS / 3, 2 * synth_scene.CANVAS / 3, synth_scene.CANVAS))
+                    > 20
+                )
             for b in objs[i + 1 :]:
                 bx0, by0, bx1, by1 = b.bbox
                 assert x1 < bx0 or bx1 < x0 or y1 < by0 or by1 < y0, f"{a} overlaps {b}"
@@ -104,11 +107,11 @@ def test_object_count_knobs():
     assert {len(s.objects) for s, _, _ in _scenes(200, min_objects=2, max_objects=3)} == {2, 3}
     for knobs in ({"min_objects": 0}, {"max_objects": 6}, {"min_objects": 3, "max_objects": 2}):
         with pytest.raises(ValueError):
-            synth.make_scene(random.Random(0), **knobs)
+            synth_scene.make_scene(random.Random(0), **knobs)
 
 
 def _expected_position(o) -> str:
-    third = synth.CANVAS / 3
+    third = synth_scene.CANVAS / 3
     return f"{('top', 'middle', 'bottom')[int(o.cy // third)]} {('left', 'center', 'right')[int(o.cx // third)]}"
 
 
@@ -139,7 +142,7 @@ def test_every_answer_matches_the_scene():
             else:
                 assert q.type == "describe" and q.answer == cap
             for word in p.values():  # the question names what it asks about
-                assert word in q.question or synth.PLURALS[word] in q.question
+                assert word in q.question or synth_language.PLURALS[word] in q.question
         for o in objs:
             assert f"{o.size} {o.color} {o.shape} at the {o.position}" in cap
     assert 0.35 < exists["no"] / exists.total() < 0.65
@@ -152,10 +155,10 @@ def test_count_answers_are_digits_and_include_zero():
 
 def test_render_size_mode_and_centre_colour():
     for scene, _, _ in _scenes(60, max_objects=5):
-        img = synth.render(scene)
+        img = synth_scene.render(scene)
         assert img.size == (224, 224) and img.mode == "RGB"
         for o in scene.objects:
-            assert img.getpixel((o.cx, o.cy)) == synth.COLORS[o.color], o
+            assert img.getpixel((o.cx, o.cy)) == synth_scene.COLORS[o.color], o
 
 
 def test_written_images_are_224_rgb(dataset):
@@ -184,12 +187,12 @@ def test_conversation_format_and_placeholders(dataset):
             human, gpt = row["conversations"]
             assert row["id"].startswith(row["image"].removesuffix(".png") + "_q")
             assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
-            assert row["type"] in synth.QUESTION_TYPES and gpt["value"]
+            assert row["type"] in synth_language.QUESTION_TYPES and gpt["value"]
 
 
 def test_all_question_types_appear_in_200_images(dataset):
     types = Counter(row["type"] for rows in _rows(dataset, "_qa").values() for row in rows)
-    assert set(types) == set(synth.QUESTION_TYPES)
+    assert set(types) == set(synth_language.QUESTION_TYPES)
 
 
 def test_main_prints_a_summary(tmp_path, capsys):

@@ -1,66 +1,21 @@
-"""The shapes world: a deterministic generator of synthetic images, captions and questions.
+"""The shapes-world dataset on disk: PNG images and LLaVA JSON rows per split (conversations, captions, questions).
 
-Each image holds 1-5 flat-coloured objects on a light background. Everything a question can ask
-is kept unambiguous so that a tiny model (EfficientNet-Lite0, 7x7 tokens + a 135M LLM) can learn
-it: one object per 3x3 cell with its centre well inside the cell, no two objects sharing a
-(colour, shape) pair, saturated colours far from the pale backgrounds, grey clutter only.
-
-Vocabulary: shapes `SHAPES`, colours `COLORS`, sizes small / large, positions "<row> <col>" with
-rows top / middle / bottom and columns left / center / right, counts as digits ("0", "3").
-
-This module writes the dataset (`write_dataset`, and `python -m training.synth` / `mllm data synth`);
-scenes and their rendering live in `training.synth_scene`, captions and questions in
-`training.synth_language`, and every public name of both is re-exported here.
+`write_dataset` (also `python -m training.synth` / `mllm data synth`) draws image `index` from a generator
+seeded by (seed, index) alone (`scene_rng`) and puts it in a split chosen by (seed, index) alone
+(`split_of`): a dataset is byte-identical for a seed, and an image keeps its split as `n` grows.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 from dataclasses import asdict
 from pathlib import Path
 
-from training.synth_language import PLURALS, QA, QUESTION_TYPES, caption, questions
-from training.synth_scene import (
-    CANVAS,
-    COLORS,
-    COLS,
-    MAX_OBJECTS,
-    ROWS,
-    SHAPES,
-    SIZES,
-    Background,
-    Obj,
-    Scene,
-    make_scene,
-    render,
-)
-
-__all__ = [
-    "CANVAS",
-    "COLORS",
-    "COLS",
-    "MAX_OBJECTS",
-    "PLURALS",
-    "QA",
-    "QUESTION_TYPES",
-    "ROWS",
-    "SHAPES",
-    "SIZES",
-    "Background",
-    "Obj",
-    "Scene",
-    "caption",
-    "main",
-    "make_scene",
-    "questions",
-    "render",
-    "scene_rng",
-    "split_of",
-    "write_dataset",
-]
+from mllm.commandline import Parser, UsageError, run
+from training.synth_language import caption, questions
+from training.synth_scene import make_scene, render
 
 
 def _unit(*key: object) -> float:
@@ -136,14 +91,23 @@ def write_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes world as LLaVA JSON + PNG images.")
+    return run(_main, argv, prog="mllm data synth")
+
+
+def _main(argv: list[str]) -> int:
+    parser = Parser(
+        prog="mllm data synth", description="Generate the synthetic shapes world as LLaVA JSON + PNG images."
+    )
     parser.add_argument("out", type=Path, help="output directory")
     parser.add_argument("--n", type=int, default=1000, help="number of images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-objects", type=int, default=1)
     parser.add_argument("--max-objects", type=int, default=4)
     args = parser.parse_args(argv)
-    paths = write_dataset(args.out, args.n, args.seed, min_objects=args.min_objects, max_objects=args.max_objects)
+    try:
+        paths = write_dataset(args.out, args.n, args.seed, min_objects=args.min_objects, max_objects=args.max_objects)
+    except ValueError as e:  # object counts out of range
+        raise UsageError(f"mllm data synth: {e}") from e
     splits = ("train", "val", "test")
     summary = ", ".join(f"{name} {len(json.loads(paths[name].read_text()))}" for name in splits)
     n_qa = sum(len(json.loads(paths[f"{name}_qa"].read_text())) for name in splits)

@@ -3,6 +3,7 @@
 Every question is asked only where its answer is unambiguous (e.g. "What color is the circle?" only
 when exactly one circle is present). Phrasings are drawn from the caller's `random.Random` after the
 scene itself, so one generator yields the scene, its caption and its questions in a fixed order.
+Counts are answered as digits ("0", "3").
 """
 
 from __future__ import annotations
@@ -82,18 +83,14 @@ def _ask(rng: random.Random, key: str, qtype: str, answer: str, **params: str) -
 def _one_question(scene: Scene, rng: random.Random, qtype: str, cap: str) -> QA | None:
     """A question of `qtype`, or None when the scene has nothing it can be asked about unambiguously."""
     objs = scene.objects
-    if qtype == "color":  # only shapes present exactly once have a single colour answer
-        shapes = [s for s in SHAPES if scene.count(shape=s) == 1]
-        if not shapes:
+    if qtype in ("color", "shape"):  # asked by the other attribute, of values present exactly once
+        given, values = ("shape", SHAPES) if qtype == "color" else ("color", tuple(COLORS))
+        unique = [v for v in values if scene.count(**{given: v}) == 1]
+        if not unique:
             return None
-        shape = rng.choice(shapes)
-        return _ask(rng, "color", qtype, next(o.color for o in objs if o.shape == shape), shape=shape)
-    if qtype == "shape":
-        colors = [c for c in COLORS if scene.count(color=c) == 1]
-        if not colors:
-            return None
-        color = rng.choice(colors)
-        return _ask(rng, "shape", qtype, next(o.shape for o in objs if o.color == color), color=color)
+        value = rng.choice(unique)
+        answer = next(getattr(o, qtype) for o in objs if getattr(o, given) == value)
+        return _ask(rng, qtype, qtype, answer, **{given: value})
     if qtype == "count":
         kind = rng.randrange(3)
         if kind == 0:
