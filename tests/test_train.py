@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm import assembly
+from mllm.checkpoint import load_pretrained
 from mllm.config import LLMConfig
-from mllm.model import MLLM
+from training.batches import Collator, Samples, StepBatches
 from training.data import ConversationDataset, DataError, read_rows
 from training.feature_cache import FeatureCache
-from training.loop import Collator, Samples, StepBatches, TrainStep, train
-from training.stages import build_model, load_stage
+from training.loop import TrainStep, train
+from training.stage_config import load_stage
+from training.stage_model import build_model
 from training.synth import write_dataset
 from training.train import main as train_main
 
@@ -66,7 +69,7 @@ def pretrained_llm_dir(tiny_config, tiny_llama_dir, shapes, tmp_path_factory) ->
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # session fixtures run before the autouse one_thread
     torch.manual_seed(123)
-    model = MLLM.build(tiny_config, device="cpu").train()
+    model = assembly.build_model(tiny_config, device="cpu").train()
     model.processor.max_length = 256
     for part in (model.vision, model.connector):
         part.requires_grad_(False)
@@ -200,7 +203,7 @@ def test_align_overfits_and_writes_a_loadable_model(run, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))
     assert {"lr_connector", "samples_per_s", "grad_norm"} <= records[0].keys()
-    loaded = MLLM.from_pretrained(out, device="cpu")
+    loaded = load_pretrained(out, device="cpu")
     assert max_diff(loaded.connector.state_dict(), model.connector.state_dict()) == 0
     assert loaded.config.tune == {"vision": "frozen", "connector": "full", "llm": "frozen"}
 
@@ -352,7 +355,7 @@ def test_cli_trains_and_the_output_chats(train_config, shapes, tmp_path, capsys)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and "val_loss" in summary
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()  # stopped early: resumable
-    from mllm.cli import main as mllm_main
+    from app.cli import main as mllm_main
 
     assert mllm_main(["chat", "what is it", "--model", str(out), "--device", "cpu", "--max-new-tokens", "3"]) == 0
 
@@ -394,5 +397,5 @@ def test_ddp_two_processes_match_one(run, train_config, shapes, tmp_path):
     ddp_losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     single, model = run("single", max_steps=3, epochs=5)
     assert ddp_losses == pytest.approx(single.losses, abs=1e-4)
-    ddp_model = MLLM.from_pretrained(out, device="cpu")
+    ddp_model = load_pretrained(out, device="cpu")
     assert max_diff(ddp_model.connector.state_dict(), model.connector.state_dict()) <= 1e-5

@@ -5,8 +5,7 @@ torchrun). The data order is a (seed, epoch)-seeded permutation cut into global 
 position is just the optimizer step: resuming needs no sampler state. Every optimizer step's gradient
 is the token-mean over the whole global batch, whatever the split into processes and micro-batches.
 
-Batching and the data order are in `training.loop_batches`, the row checks and the validation loss in
-`training.loop_validation`; their public names are re-exported here.
+Before step 0 every row is encoded once, so a bad row stops the run, named, on every rank at once.
 """
 
 from __future__ import annotations
@@ -18,33 +17,19 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from mllm.model import MLLM
-from training import checkpointing
-from training.data import Row
+from mllm.processor import Processor
+from training.batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
+from training.data import ConversationDataset, DataError, Row
 from training.feature_cache import FeatureCache
-from training.loop_batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
-from training.loop_validation import check_rows, evaluate
+from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint
+from training.run_output import Metrics, plot_losses, save_final_model
 from training.stage_config import StageConfig
 from training.stage_model import build_objective, param_groups
-
-__all__ = [
-    "Collator",
-    "Samples",
-    "StepBatches",
-    "TrainResult",
-    "TrainStep",
-    "batch_weight",
-    "check_rows",
-    "evaluate",
-    "lr_factor",
-    "make_accelerator",
-    "open_feature_cache",
-    "row_length",
-    "train",
-]
 
 
 @dataclass
@@ -123,6 +108,51 @@ def open_feature_cache(model, stage, root, rows, accelerator, show_progress) -> 
     return cache
 
 
+def check_rows(rows: list[Row], processor: Processor, stage: StageConfig, accelerator: Accelerator, split: str):
+    """Encode every row once (split over processes) so a bad row stops the run before step 0, named,
+    on every rank at once; a row whose labels are all masked is an error, never a silent zero loss."""
+    errors, dataset = [], ConversationDataset(rows, processor)
+    for i in range(accelerator.process_index, len(rows), accelerator.num_processes):
+        row = rows[i]
+        answers = sum(m["role"] == "assistant" for m in row.messages)
+        if stage.data == "captions" and (len(row.images) != 1 or answers != 1):
+            errors.append(
+                f"{row.id}: a captions stage needs 1 image and 1 answer per row, got {len(row.images)} and {answers}"
+            )
+            continue
+        try:
+            dataset[i]
+        except DataError as e:
+            errors.append(str(e))
+    if accelerator.num_processes > 1:
+        errors = gather_object(errors)
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        raise DataError(f"{split} data: {len(errors)} bad row(s); run `mllm data validate` for details:\n  {shown}")
+
+
+@torch.no_grad()
+def validation_loss(
+    step_module, samples: Samples, collate: Collator, stage: StageConfig, accelerator: Accelerator
+) -> float:
+    """Token-weighted mean loss over `samples`; each rank takes every world-th row. Runs the unwrapped
+    module: a DDP forward syncs buffers, which would hang when ranks hold different batch counts."""
+    module = accelerator.unwrap_model(step_module)
+    module.eval()
+    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of loss * weight, sum of weight)
+    for first in range(0, len(mine), stage.per_device_batch_size):
+        batch = collate([samples[i] for i in mine[first : first + stage.per_device_batch_size]])
+        with accelerator.autocast():
+            loss = module(to_device(batch, accelerator.device))["loss"]
+        weight = batch_weight(batch)
+        total += torch.stack(
+            [loss.double() * weight, torch.tensor(float(weight), dtype=torch.float64, device=loss.device)]
+        )
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])
+
+
 def train(
     model: MLLM,
     stage: StageConfig,
@@ -135,7 +165,7 @@ def train(
     feature_cache: str | Path | None = "auto",
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train `model` (made by `stages.build_model`) for `stage`: checkpoints, metrics.jsonl, loss.png and
+    """Train `model` (made by `training.stage_model.build_model`) for `stage`: checkpoints, metrics.jsonl, loss.png and
     the final model go to `output_dir`. `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`)
     or None (run the tower live)."""
     accelerator = accelerator or make_accelerator(stage)
@@ -162,9 +192,9 @@ def train(
     objective = build_objective(stage, model)
     step_module = TrainStep(model, objective)
     optimizer = torch.optim.AdamW(param_groups(model, stage, objective))
-    start, rng = 0, None
+    start, checkpoint = 0, None
     if resume:
-        start, rng = checkpointing.load(output, step_module, optimizer, stage, len(train_rows), accelerator)
+        checkpoint, start = checkpoint_to_resume(output, stage, len(train_rows), step_module)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     trainable = [p for p in step_module.parameters() if p.requires_grad]
 
@@ -179,9 +209,9 @@ def train(
         generator=torch.Generator().manual_seed(stage.seed),  # never draws from the global RNG
     )
     batches = iter(loader)
-    metrics = checkpointing.Metrics(output / "metrics.jsonl", keep_until=start, enabled=main)
-    if rng is not None:
-        checkpointing.set_rng_state(rng)  # last, so nothing above shifts the dropout masks
+    metrics = Metrics(output / "metrics.jsonl", keep_until=start, enabled=main)
+    if checkpoint is not None:  # weights, optimizer and RNG; last, so nothing above shifts the dropout masks
+        restore_checkpoint(checkpoint, accelerator)
     bar = tqdm(total=end, initial=start, desc=stage.name, disable=not (show_progress and main), dynamic_ncols=True)
     losses, val_loss, logged, tick = [], None, start, time.perf_counter()
     for step in range(start, end):
@@ -226,7 +256,7 @@ def train(
             )
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{speed:.1f}")
         if val_rows and (done == end or (stage.eval_every and done % stage.eval_every == 0)):
-            val_loss = evaluate(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
+            val_loss = validation_loss(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
             metrics.write(step=done, val_loss=val_loss)
         # A run stopped before its schedule's end (max_steps) always leaves a checkpoint to resume from.
         if (stage.save_every and done % stage.save_every == 0) or (done == end and end < total):
@@ -239,10 +269,10 @@ def train(
                 "num_rows": len(train_rows),
                 "world_size": world,
             }
-            checkpointing.save(output, step_module, optimizer, model, stage, state, accelerator)
+            save_checkpoint(output, model, stage, state, accelerator)
     bar.close()
     if main:
-        checkpointing.save_final_model(model, output)
-        checkpointing.plot_losses(output / "metrics.jsonl", output / "loss.png")
+        save_final_model(model, output)
+        plot_losses(output / "metrics.jsonl", output / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(steps=end, losses=losses, val_loss=val_loss)

@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mllm import assembly
+from mllm.checkpoint import load_pretrained
 from mllm.config import ConnectorConfig, MLLMConfig
 from mllm.llm import attach_lora
-from mllm.model import MLLM, make_processor
+from mllm.model import MLLM
+from mllm.processor import Processor
 from mllm.templates import resolve_template
 from training.stage_config import COMPONENTS, OBJECTIVES, StageConfig
 
@@ -31,13 +34,13 @@ def build_model(
     if init is not None:
         if config is not None:
             raise ValueError("give either --init (a checkpoint) or --model-config (a fresh model), not both")
-        model = MLLM.from_pretrained(init, device=device, quantization=quant, trainable=True)
+        model = load_pretrained(init, device=device, quantization=quant, trainable=True)
     else:
         if config is None and stage.connector_kind:
             config = MLLMConfig().replace(connector=ConnectorConfig(kind=stage.connector_kind))
         config = config or MLLMConfig()
         llm = dataclasses.replace(config.llm, lora=None, quantization=quant or config.llm.quantization)
-        model = MLLM.build(config.replace(llm=llm), device=device)  # LoRA comes from the stage below
+        model = assembly.build_model(config.replace(llm=llm), device=device)  # LoRA comes from the stage below
     if stage.connector_kind and model.config.connector.kind != stage.connector_kind:
         raise ValueError(
             f"stage {stage.name} trains a {stage.connector_kind} connector but the model has "
@@ -53,8 +56,9 @@ def apply_stage(model: MLLM, stage: StageConfig) -> MLLM:
     if stage.template is not None:
         template = resolve_template(stage.template, model.processor.tokenizer)
         model.config = model.config.replace(template=stage.template)
-        model.processor = make_processor(
-            model.config, model.processor.tokenizer, model.vision, model.tokens_per_image, template
+        old = model.processor
+        model.processor = Processor.for_model(
+            model.config, old.tokenizer, template, old.image_processor, model.tokens_per_image, old.qformer_tokenizer
         )
     model.processor.max_length = stage.max_length
     has_adapter = isinstance(model.llm, PeftModel)

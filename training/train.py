@@ -17,16 +17,11 @@ from pathlib import Path
 
 import yaml
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and status 2, like the other mllm commands
-        raise ValueError(f"{self.prog}: {message} (see --help)")
+from mllm.commandline import Parser, UsageError, run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="mllm train", description="Train one stage (align, instruct, qformer_pretrain, generative).")
+    p = Parser(prog="mllm train", description="Train one stage (align, instruct, qformer_pretrain, generative).")
     p.add_argument("--stage", help="a preset (align, instruct, qformer_pretrain, generative), a config name or YAML")
     p.add_argument("--config", help="a YAML file of stage settings applied on top of --stage (its `base`)")
     p.add_argument("--data", required=True, help="training rows: LLaVA JSON or JSONL")
@@ -53,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def stage_from_args(args: argparse.Namespace):
-    from training.stages import load_stage
+    from training.stage_config import load_stage
 
     overrides = {}
     for item in args.set:
@@ -71,11 +66,11 @@ def stage_from_args(args: argparse.Namespace):
     return load_stage(args.stage, overrides)
 
 
-def run(args: argparse.Namespace) -> int:
+def train_from_args(args: argparse.Namespace) -> int:
     from mllm.config import MLLMConfig
     from training.data import read_rows
     from training.loop import make_accelerator, train
-    from training.stages import build_model
+    from training.stage_model import build_model
 
     stage = stage_from_args(args)
     model_config = MLLMConfig.load(args.model_config) if args.model_config else None
@@ -105,17 +100,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv, prog="mllm train")
+
+
+def _main(argv: list[str]) -> int:
     from training.data import DataError
 
-    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
-        return run(parse_args(argv))
+        return train_from_args(args)
     except DataError as e:
-        print(f"mllm train: bad data: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"mllm train: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"mllm train: bad data: {e}") from e
+    except ValueError as e:  # bad settings: the stage, --set, --resume against another run
+        raise UsageError(f"mllm train: {e}") from e
 
 
 if __name__ == "__main__":
