@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+from mllm.checkpoint import save_pretrained
 from training.validate import main, validate
 
 
@@ -250,7 +251,7 @@ def test_min_supervised_share(tiny_model, tmp_path, folder):
 
 
 def test_cli_with_model_and_max_length(tiny_model, tmp_path, folder, capsys):
-    tiny_model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(tiny_model, tmp_path / "ckpt")
     rows = [_row("ok", "what color", "red"), _row("long", answer="the circle is red and the square is blue " * 4)]
     data = _write_jsonl(tmp_path / "d.jsonl", rows)
     code, lines, _ = _run(capsys, [data, "--image-folder", str(folder), "--model", str(tmp_path / "ckpt")])

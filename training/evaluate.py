@@ -8,7 +8,6 @@ accuracy (numeric references), and a breakdown per question type (a row's `type`
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mllm.commandline import Parser, UsageError, add_model_args, quantization, run
 from training.data import DataError, read_rows
 
 _NUMBERS = {
@@ -110,14 +110,14 @@ def markdown_table(summary: dict, title: str = "model") -> str:
 
 def evaluate(model, rows, max_new_tokens: int = 48, limit: int | None = None, progress: bool = True):
     """Greedy answers for each row's last turn; returns (summary, predictions)."""
-    from mllm.generation import GenerationConfig
+    from mllm.generation import GenerationConfig, generate
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     scores, predictions = Scores(), []
     rows = rows[:limit] if limit else rows
     for row in tqdm(rows, desc="eval", unit="q", disable=not progress, file=sys.stderr):
         context, reference = row.messages[:-1], row.messages[-1]["content"]
-        answer = model.generate(context, row.images, gen=gen)
+        answer = generate(model, context, row.images, gen=gen)
         qtype = row.raw.get("type", "other")
         correct = scores.add(qtype, answer, reference)
         predictions.append({"id": row.id, "type": qtype, "prediction": answer, "reference": reference, "ok": correct})
@@ -125,30 +125,28 @@ def evaluate(model, rows, max_new_tokens: int = 48, limit: int | None = None, pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mllm eval", description="Score a model on a LLaVA-format question set.")
-    p.add_argument("--model", default="default", help="checkpoint directory or 'default'")
+    return run(_main, argv, prog="mllm eval")
+
+
+def _main(argv: list[str]) -> int:
+    p = Parser(prog="mllm eval", description="Score a model on a LLaVA-format question set.")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="LLaVA JSON / JSONL; each row's last gpt turn is the reference")
     p.add_argument("--image-folder", default=None)
     p.add_argument("--output", default=None, help="write OUTPUT.json (metrics + predictions) and OUTPUT.md")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--load-4bit", action="store_true")
-    p.add_argument("--load-8bit", action="store_true")
     args = p.parse_args(argv)
     try:
         rows = read_rows(args.data, args.image_folder)
-    except (DataError, FileNotFoundError) as e:
-        print(f"mllm eval: {e}", file=sys.stderr)
-        return 2
-    from mllm.checkpoint import load_model
+    except DataError as e:
+        raise UsageError(f"mllm eval: {e}") from e
+    from mllm.loading import load_model
 
-    quant = "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
     try:
-        model = load_model(args.model, device=args.device, quantization=quant)
+        model = load_model(args.model, device=args.device, quantization=quantization(args))
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"mllm eval: cannot load model {args.model!r}: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"mllm eval: cannot load model {args.model!r}: {e}") from e
     summary, predictions = evaluate(model, rows, args.max_new_tokens, args.limit)
     table = markdown_table(summary, title=f"{args.model} on {Path(args.data).name}")
     print(table)
@@ -158,3 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json").write_text(json.dumps({"summary": summary, "predictions": predictions}, indent=2))
         out.with_suffix(".md").write_text(table)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,12 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mllm.commandline import Parser, UsageError, run
 from mllm.image_processing import ImageError, load_image
 from mllm.processor import Processor
 from training.data import ROLE_OF, DataError, _resolve, parse_row, read_records
 
 PLACEHOLDER = "<image>"  # LLaVA data's placeholder, whatever token the model expands it to
-EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_BAD = 0, 1  # usage errors: mllm.commandline's EXIT_USAGE (2)
 
 # training.data's messages -> the short kind the summary counts. Checks written here name their kind.
 _KINDS = (
@@ -239,17 +240,8 @@ def _count_placeholders(turns) -> int:
 
 
 # ---- command line -------------------------------------------------------------------------------
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise _UsageError(f"{self.prog}: {message} (see --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mllm data validate", description="Check a LLaVA JSON / JSONL file and name every bad row.")
+    p = Parser(prog="mllm data validate", description="Check a LLaVA JSON / JSONL file and name every bad row.")
     p.add_argument("data", help="a .json list of rows or a .jsonl file with one row a line")
     p.add_argument("--image-folder", default=None, help="folder the rows' image paths are relative to")
     p.add_argument(
@@ -270,20 +262,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Print one line per problem, then a summary; exit 1 if any row is bad, 2 on usage errors."""
-    try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        if not Path(args.data).is_file():
-            raise _UsageError(f"mllm data validate: data file {args.data} does not exist")
-        if args.image_folder is not None and not Path(args.image_folder).is_dir():
-            raise _UsageError(f"mllm data validate: image folder {args.image_folder} does not exist")
-        if args.max_length is not None and args.max_length <= 0:
-            raise _UsageError(f"mllm data validate: --max-length {args.max_length} must be a positive integer")
-        if not 0.0 <= args.min_supervised_share < 1.0:
-            raise _UsageError("mllm data validate: --min-supervised-share must be in [0, 1)")
-        processor = _load_processor(args.model) if args.model is not None else None
-    except _UsageError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
+    return run(_main, argv, prog="mllm data validate")
+
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not Path(args.data).is_file():
+        raise UsageError(f"mllm data validate: data file {args.data} does not exist")
+    if args.image_folder is not None and not Path(args.image_folder).is_dir():
+        raise UsageError(f"mllm data validate: image folder {args.image_folder} does not exist")
+    if args.max_length is not None and args.max_length <= 0:
+        raise UsageError(f"mllm data validate: --max-length {args.max_length} must be a positive integer")
+    if not 0.0 <= args.min_supervised_share < 1.0:
+        raise UsageError("mllm data validate: --min-supervised-share must be in [0, 1)")
+    processor = _load_processor(args.model) if args.model is not None else None
     try:
         report = validate(args.data, args.image_folder, processor, args.max_length, args.min_supervised_share)
     except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
@@ -296,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_processor(name: str) -> Processor:
-    from mllm.checkpoint import load_model
+    from mllm.loading import load_model
 
     try:
         return load_model(name, device="cpu").processor
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise _UsageError(f"mllm data validate: cannot load model {name!r}: {e}") from e
+        raise UsageError(f"mllm data validate: cannot load model {name!r}: {e}") from e
 
 
 if __name__ == "__main__":
