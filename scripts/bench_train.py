@@ -22,7 +22,6 @@ the case a feature cache exists for.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -36,11 +35,8 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
-    CLIPVisionModel,
     LlamaConfig,
-    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PrinterCallback,
@@ -52,13 +48,14 @@ from transformers.utils import logging as hf_logging
 
 from mllm.config import LLMConfig, MLLMConfig, VisionConfig
 from mllm.model import MLLM
+from mllm.tiny import build_clip, build_llama, build_tokenizer
 from training.data import ConversationDataset, Row, read_rows
 from training.feature_cache import FeatureCache
 from training.loop import train
-from training.stages import StageConfig, build_model, load_stage
+from training.stage_config import StageConfig, load_stage
+from training.stage_model import build_model
 from training.synth import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 # The default size's baseline tower: 224 px / patch 32 = 49 tokens, like EfficientNet-Lite0's 7x7 grid, and
 # 4 layers of width 384 come to ~0.8 GFLOPs per image, about the EfficientNet's (measured and printed).
 FLOPS_MATCHED_CLIP = dict(
@@ -71,35 +68,19 @@ FLOPS_MATCHED_CLIP = dict(
 
 def tiny_config(root: Path) -> MLLMConfig:
     """A random LLaMA (hidden 256, 4 layers) and CLIP tower (hidden 128, 4 layers, 64 px / 8 = 64 tokens)
-    saved under `root`, with the tests' offline-trained tokenizer."""
-    spec = importlib.util.spec_from_file_location("mllm_test_conftest", REPO / "tests" / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    saved under `root`, with `mllm.tiny`'s offline-trained tokenizer."""
     llm_dir, clip_dir = root / "tiny-llama", root / "tiny-clip"
-    tokenizer = conftest.build_tokenizer(llm_dir)
+    tokenizer = build_tokenizer(llm_dir)
     # `<image>` in the vocabulary, so Llava's embedding lookup of the image slots needs no resize.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.save_pretrained(llm_dir)
-    torch.manual_seed(0)
-    llama = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    llama = dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     )
-    LlamaForCausalLM(llama).save_pretrained(llm_dir)
-    clip = CLIPVisionConfig(
+    build_llama(llm_dir, tokenizer, seed=0, **llama)
+    clip = dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8
     )
-    CLIPVisionModel(clip).save_pretrained(clip_dir)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(clip_dir)
+    build_clip(clip_dir, seed=0, **clip)
     return MLLMConfig(vision=VisionConfig(kind="hf", path=str(clip_dir)), llm=LLMConfig(path=str(llm_dir)))
 
 
@@ -118,9 +99,7 @@ CLIP_L14 = dict(
 def llava_config(root: Path) -> MLLMConfig:
     """A random CLIP ViT-L/14 tower saved under `root` (CLIP's own preprocessing) + the offline SmolLM2."""
     clip_dir = root / "clip-vit-l14"
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(**CLIP_L14)).save_pretrained(clip_dir)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(clip_dir)
+    build_clip(clip_dir, seed=0, **CLIP_L14)
     return MLLMConfig(vision=VisionConfig(kind="hf", path=str(clip_dir)))
 
 

@@ -114,8 +114,8 @@ done
 # The floor: the demo architecture with its connector as initialised and no adapter (chance level).
 if [ ! -f "$OUT/untrained/mllm_config.json" ]; then
     model_config mlp2x_gelu "$POOL" 32 >"$OUT/untrained_config.json"
-    "$PYTHON" -c "import sys, torch; from mllm.config import MLLMConfig; from mllm.model import MLLM
-torch.manual_seed(0); MLLM.build(MLLMConfig.load(sys.argv[1])).save_pretrained(sys.argv[2])" \
+    "$PYTHON" -c "import sys, torch; from mllm.assembly import build_model; from mllm.checkpoint import save_pretrained
+from mllm.config import MLLMConfig; torch.manual_seed(0); save_pretrained(build_model(MLLMConfig.load(sys.argv[1])), sys.argv[2])" \
         "$OUT/untrained_config.json" "$OUT/untrained"
 fi
 # It rambles to the token limit on every question, so it is scored on fewer questions and shorter replies

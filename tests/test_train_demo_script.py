@@ -29,7 +29,7 @@ def test_train_demo_smoke_run(tmp_path):
         VARIANTS="mlp",
         EVAL_LIMIT_SMOKE="0",
         OUT=str(tmp_path / "demo"),
-        MLLM=f"{sys.executable} -m mllm.cli",
+        MLLM=f"{sys.executable} -m app.cli",
         PYTHON=sys.executable,
     )
     result = subprocess.run(
