@@ -48,6 +48,8 @@ class GenerationConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed} must fit in 64 bits")
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()

@@ -180,7 +180,8 @@ class Processor:
         for i, message in enumerate(flat):
             if message["role"] != "assistant":
                 continue
-            before = render(self.tokenizer, self.template, flat[:i], add_generation_prompt=True)
+            # A conversation may open with the assistant: nothing comes before it (templates refuse to render none).
+            before = render(self.tokenizer, self.template, flat[:i], add_generation_prompt=True) if i else ""
             upto = render(self.tokenizer, self.template, flat[: i + 1], add_generation_prompt=False)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise ValueError(
