@@ -53,7 +53,7 @@ from training.data import ConversationDataset, Row, read_rows
 from training.feature_cache import FeatureCache
 from training.loop import train
 from training.stage_config import StageConfig, load_stage
-from training.stage_model import build_model
+from training.stage_model import model_for_stage
 from training.synth import write_dataset
 
 # The default size's baseline tower: 224 px / patch 32 = 49 tokens, like EfficientNet-Lite0's 7x7 grid, and
@@ -279,14 +279,14 @@ def measure(args: argparse.Namespace) -> Figures:
                 "log_every": args.warmup,  # one record closes the warm-up; the next ones time the rest
             },
         )
-        model = build_model(stage, config=config, device="cpu")
+        model = model_for_stage(stage, config=config, device="cpu")
         vision_config = model.vision.model.config if same_tower else CLIPVisionConfig(**FLOPS_MATCHED_CLIP)
         llava = build_llava(model, vision_config, same_tower=same_tower)
         notes = describe(args, model, llava, rows)
 
         # Interleaved repeats, so a neighbour's load on the machine hits every run alike; the cache is
         # filled in the first one (its precompute is the figure reported), later ones find it full.
-        live_model = build_model(stage, config=config, device="cpu")
+        live_model = model_for_stage(stage, config=config, device="cpu")
         runs: dict[str, list[float]] = {"cache": [], "live": [], "baseline": []}
         precompute_s = None
         for repeat in range(args.repeats):

@@ -46,6 +46,15 @@ def tiny_model(tiny_config):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine it costs 10-20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def images() -> list[Image.Image]:
     """Two small distinct RGB images."""
     return [Image.new("RGB", (40, 30), (220, 30, 30)), Image.new("RGB", (24, 24), (30, 30, 220))]

@@ -22,7 +22,7 @@ from training.data import ConversationDataset, DataError, read_rows
 from training.feature_cache import FeatureCache
 from training.loop import TrainStep, train
 from training.stage_config import load_stage
-from training.stage_model import build_model
+from training.stage_model import model_for_stage
 from training.synth import write_dataset
 from training.train import main as train_main
 
@@ -40,13 +40,7 @@ TEST_SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine it costs 10-20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +61,7 @@ def pretrained_llm_dir(tiny_config, tiny_llama_dir, shapes, tmp_path_factory) ->
     for entry in tiny_llama_dir.iterdir():
         shutil.copy(entry, directory / entry.name)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures run before the autouse one_thread
+    torch.set_num_threads(1)  # session fixtures run before the one_thread fixture
     torch.manual_seed(123)
     model = assembly.build_model(tiny_config, device="cpu").train()
     model.processor.max_length = 256
@@ -102,9 +96,9 @@ def run(train_config, shapes, tmp_path):
     ):
         stage = load_stage(stage, {**TEST_SETTINGS, **settings})
         if init is None:
-            model = build_model(stage, config=config or train_config, device="cpu")
+            model = model_for_stage(stage, config=config or train_config, device="cpu")
         else:
-            model = build_model(stage, init=tmp_path / init, device="cpu")
+            model = model_for_stage(stage, init=tmp_path / init, device="cpu")
         val_rows = read_rows(shapes.get(val, val), shapes["images"]) if val else None
         result = train(
             model,
@@ -254,7 +248,7 @@ def test_gradient_checkpointing_changes_memory_not_results(run):
 
 
 def test_feature_cache_gives_the_live_towers_loss(train_config, shapes, tmp_path):
-    model = build_model(load_stage("align", TEST_SETTINGS), config=train_config, device="cpu")
+    model = model_for_stage(load_stage("align", TEST_SETTINGS), config=train_config, device="cpu")
     samples = Samples(read_rows(shapes["train_captions"], shapes["images"]), model.processor)
     cache = FeatureCache(tmp_path / "cache", model.vision, model.config.vision, model.processor.image_processor)
     images = [image for row in samples.rows for image in row.images]
@@ -307,12 +301,14 @@ def test_blip2_stages_chain(run, train_config):
     from mllm.config import ConnectorConfig
 
     with pytest.raises(ValueError, match="trains a qformer connector but the model has mlp2x_gelu"):
-        build_model(load_stage("generative"), config=train_config, device="cpu")
+        model_for_stage(load_stage("generative"), config=train_config, device="cpu")
     qformer = ConnectorConfig("qformer", num_query_tokens=4, qformer_layers=2, qformer_hidden_size=32, qformer_heads=2)
     config = train_config.replace(connector=qformer)
     stage1, model = run("s1", "qformer_pretrain", max_steps=3, connector_lr=1e-3, config=config)
     assert stage1.losses[-1] < stage1.losses[0], stage1.losses
-    fresh_proj = build_model(load_stage("qformer_pretrain"), config=config, device="cpu").connector.proj.state_dict()
+    fresh_proj = model_for_stage(
+        load_stage("qformer_pretrain"), config=config, device="cpu"
+    ).connector.proj.state_dict()
     assert max_diff(model.connector.proj.state_dict(), fresh_proj) == 0  # the LLM projection has no stage-1 loss
     stage2, model2 = run("s2", "generative", max_steps=3, connector_lr=1e-3, init="s1")
     assert len(stage2.losses) == 3 and model2.config.connector == qformer

@@ -264,3 +264,15 @@ def test_cli_with_model_and_max_length(tiny_model, tmp_path, folder, capsys):
     assert len(_lines_for(lines, "long")) == 1 and "all answer tokens truncated" in lines[0]
     assert lines[-1].startswith("checked 2 rows: 1 bad (1 answer truncated); mean ")
     assert f"1 truncated to {short_len}" in lines[-1]
+
+
+def test_cli_max_length_without_a_model_counts_with_the_default_tokenizer(tmp_path, folder, capsys):
+    """--max-length alone is never silently ignored: tokens are counted with the default model's processor
+    (its tokenizer and template only; no weights are loaded)."""
+    rows = [_row("ok", "what color", "red"), _row("long", answer="the circle is red and the square is blue " * 40)]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    code, lines, _ = _run(capsys, [data, "--image-folder", str(folder), "--max-length", "80"])
+    assert code == 0 and len(lines) == 1, lines  # the long row keeps some answer tokens: truncated, not bad
+    assert "1 truncated to 80" in lines[0]
+    code, lines, _ = _run(capsys, [data, "--image-folder", str(folder), "--max-length", "60"])
+    assert code == 1 and "all answer tokens truncated" in _lines_for(lines, "long")[0], lines

@@ -17,6 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mllm.commandline import Parser, UsageError, add_model_args, quantization, run
+from mllm.errors import MLLMError
+from mllm.generation import GenerationConfig, generate
 from training.data import DataError, read_rows
 
 _NUMBERS = {
@@ -110,14 +112,15 @@ def markdown_table(summary: dict, title: str = "model") -> str:
 
 def evaluate(model, rows, max_new_tokens: int = 48, limit: int | None = None, progress: bool = True):
     """Greedy answers for each row's last turn; returns (summary, predictions)."""
-    from mllm.generation import GenerationConfig, generate
-
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     scores, predictions = Scores(), []
     rows = rows[:limit] if limit else rows
     for row in tqdm(rows, desc="eval", unit="q", disable=not progress, file=sys.stderr):
         context, reference = row.messages[:-1], row.messages[-1]["content"]
-        answer = generate(model, context, row.images, gen=gen)
+        try:
+            answer = generate(model, context, row.images, gen=gen)
+        except MLLMError as e:  # an over-long or malformed row: say which, before any later row runs
+            raise type(e)(f"{row.id}: {e}") from e
         qtype = row.raw.get("type", "other")
         correct = scores.add(qtype, answer, reference)
         predictions.append({"id": row.id, "type": qtype, "prediction": answer, "reference": reference, "ok": correct})

@@ -165,7 +165,7 @@ def train(
     feature_cache: str | Path | None = "auto",
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train `model` (made by `training.stage_model.build_model`) for `stage`: checkpoints, metrics.jsonl, loss.png and
+    """Train `model` (made by `training.stage_model.model_for_stage`) for `stage`: checkpoints, metrics.jsonl, loss.png and
     the final model go to `output_dir`. `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`)
     or None (run the tower live)."""
     accelerator = accelerator or make_accelerator(stage)

@@ -1,4 +1,4 @@
-"""Applying a stage to a model: `build_model` turns a `StageConfig` into a ready-to-train MLLM: it loads
+"""Applying a stage to a model: `model_for_stage` turns a `StageConfig` into a ready-to-train MLLM: it loads
 (or builds) the model, quantizes the LLM for QLoRA, attaches LoRA, sets `requires_grad` per component
 and keeps trainable weights in float32 (bf16 compute comes from autocast, so Adam updates are not
 rounded away). Also the stage's objective module and the optimizer's parameter groups.
@@ -24,7 +24,7 @@ from mllm.templates import resolve_template
 from training.stage_config import COMPONENTS, OBJECTIVES, StageConfig
 
 
-def build_model(
+def model_for_stage(
     stage: StageConfig, init: str | Path | None = None, config: MLLMConfig | None = None, device=None
 ) -> MLLM:
     """`init`: an earlier stage's checkpoint; otherwise a fresh model from `config` (default MLLMConfig)."""
@@ -60,7 +60,9 @@ def apply_stage(model: MLLM, stage: StageConfig) -> MLLM:
         model.processor = Processor.for_model(
             model.config, old.tokenizer, template, old.image_processor, model.tokens_per_image, old.qformer_tokenizer
         )
-    model.processor.max_length = stage.max_length
+    # Training truncates to the stage's length, never past what the model can attend to.
+    context = model.config.context_length
+    model.processor.max_length = stage.max_length if context is None else min(stage.max_length, context)
     has_adapter = isinstance(model.llm, PeftModel)
     llm_cfg = model.config.llm
     if stage.llm == "qlora" and not has_adapter:

@@ -18,6 +18,11 @@ from pathlib import Path
 import yaml
 
 from mllm.commandline import Parser, UsageError, run
+from mllm.config import MLLMConfig
+from training.data import DataError, read_rows
+from training.loop import make_accelerator, train
+from training.stage_config import load_stage
+from training.stage_model import model_for_stage
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,8 +53,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def stage_from_args(args: argparse.Namespace):
-    from training.stage_config import load_stage
-
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -67,18 +70,13 @@ def stage_from_args(args: argparse.Namespace):
 
 
 def train_from_args(args: argparse.Namespace) -> int:
-    from mllm.config import MLLMConfig
-    from training.data import read_rows
-    from training.loop import make_accelerator, train
-    from training.stage_model import build_model
-
     stage = stage_from_args(args)
     model_config = MLLMConfig.load(args.model_config) if args.model_config else None
     # Rows first: a typo in the data fails in milliseconds, before the model loads.
     train_rows = read_rows(args.data, args.image_folder)
     val_rows = read_rows(args.val_data, args.image_folder) if args.val_data else None
     accelerator = make_accelerator(stage)
-    model = build_model(stage, init=args.init, config=model_config, device=accelerator.device)
+    model = model_for_stage(stage, init=args.init, config=model_config, device=accelerator.device)
     cache = None if str(args.feature_cache).lower() == "none" else args.feature_cache
     result = train(
         model,
@@ -104,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from training.data import DataError
-
     args = parse_args(argv)
     try:
         return train_from_args(args)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mllm.commandline import Parser, UsageError, run
 from mllm.image_processing import ImageError, load_image
+from mllm.loading import load_processor
 from mllm.processor import Processor
 from training.data import ROLE_OF, DataError, _resolve, parse_row, read_records
 
@@ -248,9 +249,14 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="also check template rendering and supervised tokens with this model's processor: "
-        "'default' or a checkpoint directory (default: schema and file checks only)",
+        "'default' or a checkpoint directory (default: schema and file checks only; with --max-length, 'default')",
     )
-    p.add_argument("--max-length", type=int, default=None, help="truncate to this many tokens (default: the model's)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate to this many tokens (default: the model's context length); counts with --model's tokenizer",
+    )
     p.add_argument(
         "--min-supervised-share",
         type=float,
@@ -275,7 +281,9 @@ def _main(argv: list[str]) -> int:
         raise UsageError(f"mllm data validate: --max-length {args.max_length} must be a positive integer")
     if not 0.0 <= args.min_supervised_share < 1.0:
         raise UsageError("mllm data validate: --min-supervised-share must be in [0, 1)")
-    processor = _load_processor(args.model) if args.model is not None else None
+    # Token lengths need a tokenizer: --max-length alone counts with the default model's.
+    name = args.model if args.model is not None else "default" if args.max_length is not None else None
+    processor = _load_processor(name) if name is not None else None
     try:
         report = validate(args.data, args.image_folder, processor, args.max_length, args.min_supervised_share)
     except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
@@ -288,10 +296,8 @@ def _main(argv: list[str]) -> int:
 
 
 def _load_processor(name: str) -> Processor:
-    from mllm.loading import load_model
-
     try:
-        return load_model(name, device="cpu").processor
+        return load_processor(name)  # tokenizer, template and image settings: no weights are read
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"mllm data validate: cannot load model {name!r}: {e}") from e
 
