@@ -122,3 +122,29 @@ def test_loading_a_checkpoint_never_calls_back_up_the_path(tiny_model, tmp_path)
     finally:
         sys.setprofile(None)
     assert not back_calls, back_calls[:5]
+
+
+def test_the_readme_module_map_matches_the_tree():
+    """Every module of the three layers has its line in the README's Layout table, and every module the table
+    names exists. In a row, a bare `name.py` lives in the folder of the row's first path."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Layout") : readme.index("## Checkpoint format")]
+    named = set()
+    for row in (line for line in table.splitlines() if line.startswith("| `")):
+        paths = re.findall(r"`([\w/]+(?:\.py|/))`", row)
+        if not paths:
+            continue
+        folder = paths[0] if paths[0].endswith("/") else paths[0].rpartition("/")[0] + "/"
+        named |= {p if "/" in p else folder + p for p in paths if p.endswith(".py")}
+    actual = {
+        str(p.relative_to(REPO))
+        for layer in LAYERS
+        for p in (REPO / layer).rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "mllm"
+    }
+    assert not actual - named, f"modules missing from the README's Layout: {sorted(actual - named)}"
+    assert not named - actual - {"scripts/bench_*.py"}, (
+        f"the README names modules that do not exist: {sorted(named - actual)}"
+    )
