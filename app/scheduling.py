@@ -163,8 +163,11 @@ class Stream(Iterator[str]):
                     raise StopIteration
                 with self._model_lock, self._guard():
                     self._pieces = self._start(self)
-            with self._model_lock:
-                return next(self._pieces)
+            while True:
+                with self._model_lock:
+                    piece = next(self._pieces)
+                if piece:  # an empty piece marks a prefill chunk: the lock went round before the next one
+                    return piece
         except BaseException as e:  # done, cancelled or failed: this generation is over either way
             if isinstance(e, StopIteration) and self.finish_reason is None:
                 self.finish_reason = "cancelled" if self.cancel.is_set() else "stop"

@@ -62,6 +62,9 @@ class GenerationConfig:
         return procs
 
 
+PREFILL_CHUNK = 256  # tokens prefilled in one model call: a few hundred keep the step bounded and the matmuls wide
+
+
 class Cancelled(Exception):
     """Raised inside a stream when its cancel event is set (the caller stops reading)."""
 
@@ -76,7 +79,8 @@ def stream_ids(
     image_features: torch.Tensor | None = None,
     cancel: threading.Event | None = None,
     max_new_tokens: int | None = None,
-) -> Iterator[int]:
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[int | None]:
     """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token.
 
     `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
@@ -84,6 +88,8 @@ def stream_ids(
     tokens but the last. `image_features` (n_img, N_img, D_llm) are those of the images in `new_ids`,
     computed by the caller (`image_features`, which passes instructions to a text-reading Q-Former).
     `max_new_tokens` (default `gen.max_new_tokens`) bounds the reply; `Reply` passes what the context has room for.
+    A long prompt is prefilled `prefill_chunk` tokens at a time, with a None yielded between two chunks: the
+    caller gets control back, so one long prompt never holds a shared model for its whole prefill.
     """
     llm, processor = model.llm, model.processor
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
@@ -93,8 +99,14 @@ def stream_ids(
         generator = torch.Generator(device=model.device).manual_seed(gen.seed)
     history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
     embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
-    # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
-    out = llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+    for start in range(0, embeds.shape[1], prefill_chunk):
+        if start:
+            yield None
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+        # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
+        chunk = embeds[:, start : start + prefill_chunk]  # (1, <= prefill_chunk, D)
+        out = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1)
     for _ in range(gen.max_new_tokens if max_new_tokens is None else max_new_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled
@@ -132,10 +144,13 @@ class TextStream:
         as a one-shot decode of the same ids gives it): nothing generated is dropped."""
         return self._emit(self.processor.decode(self.ids))
 
-    def pieces(self, tokens: Iterable[int]) -> Iterator[str]:
-        """The text of `tokens` piece by piece as they arrive, the held-back tail at the end."""
+    def pieces(self, tokens: Iterable[int | None]) -> Iterator[str]:
+        """The text of `tokens` piece by piece as they arrive, the held-back tail at the end; a None (a prefill
+        chunk done) passes through as an empty piece."""
         for token in tokens:
-            if piece := self.push(token):
+            if token is None:
+                yield ""
+            elif piece := self.push(token):
                 yield piece
         if tail := self.flush():
             yield tail
@@ -163,7 +178,8 @@ class Reply(Iterator[str]):
     `new_ids` with `features` in their image slots, stream tokens (`stream_ids`), detokenize them
     (`TextStream`). Afterwards `ids` holds the generated token ids and `finish_reason` says how it ended:
     "stop" (a stop token), "length" (`max_new_tokens`) or "cancelled" (the event was set; the text so far
-    stands). `context_ids` are the ids already in `cache`.
+    stands). `context_ids` are the ids already in `cache`. A prompt longer than PREFILL_CHUNK tokens is
+    prefilled in chunks, and an empty piece marks each chunk done (a shared engine lets others run there).
     """
 
     def __init__(
@@ -220,7 +236,8 @@ def stream(
 ) -> Iterator[str]:
     """Stream the assistant's reply to `messages` as text pieces (a cancelled reply ends early)."""
     gen = gen or GenerationConfig(**gen_kwargs)
-    yield from reply(model, model.processor.encode(messages, images, add_generation_prompt=True), gen, cancel)
+    pieces = reply(model, model.processor.encode(messages, images, add_generation_prompt=True), gen, cancel)
+    yield from filter(None, pieces)  # no empty prefill-progress pieces
 
 
 def generate(model, messages: list[dict], images: list | None = None, **kwargs) -> str:

@@ -74,7 +74,6 @@ def build_llama(directory: Path, tokenizer: PreTrainedTokenizerFast | None = Non
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -188,3 +188,46 @@ def test_info_describes_the_model(engine):
     assert info["vision"].startswith("hf") and info["connector"] == "mlp2x_gelu"
     assert info["quantization"] == "none" and info["device"] == "cpu"
     assert info["parameters"] > 0 and info["weights_bytes"] >= 4 * info["parameters"] // 2
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory, tiny_clip_dir):
+    """The tiny model with an 8k context, so a 7,000-token prompt fits."""
+    import torch
+
+    from mllm.assembly import build_model
+    from mllm.config import LLMConfig, MLLMConfig, VisionConfig
+    from mllm.tiny import build_llama
+
+    llm_dir = build_llama(tmp_path_factory.mktemp("tiny-llama-8k"), max_position_embeddings=8192)
+    torch.manual_seed(0)
+    config = MLLMConfig(vision=VisionConfig(kind="hf", path=str(tiny_clip_dir)), llm=LLMConfig(path=str(llm_dir)))
+    return build_model(config, device="cpu").eval()
+
+
+def test_a_long_prefill_never_stalls_a_running_stream(long_context_model):
+    """While one request's 7,000-token prompt is prefilled (in chunks), an admitted stream keeps producing."""
+    model = long_context_model
+    engine = ChatEngine(model, max_concurrency=2, max_queue=2)
+    hook = model.llm.register_forward_hook(lambda *_: time.sleep(0.03))  # every model call takes a while
+    try:
+        running = engine.complete([{"role": "user", "content": "hello"}], GenerationConfig(400, ignore_eos=True))
+        stamps = [time.monotonic()]
+        next(running)
+        long_prompt = [{"role": "user", "content": "the circle is red and the square is blue " * 780}]
+        long_request = engine.complete(long_prompt, GenerationConfig(2, ignore_eos=True))
+        assert 6_500 < long_request.prompt_tokens < 8_000
+        first_long_piece = []
+        worker = threading.Thread(target=lambda: first_long_piece.append(next(long_request)))
+        worker.start()
+        while worker.is_alive():  # the long prompt is being prefilled: the running stream must keep going
+            next(running)
+            stamps.append(time.monotonic())
+        worker.join()
+        running.close()
+        long_request.close()
+    finally:
+        hook.remove()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert first_long_piece and len(gaps) >= 10, "the long prefill finished before the stream could run"
+    assert max(gaps) < 1.0, f"a gap of {max(gaps):.2f} s between two tokens of the running stream"

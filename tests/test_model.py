@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from mllm.assembly import build_model
 from mllm.checkpoint import load_pretrained, save_pretrained
 from mllm.config import LoraConfig, MLLMConfig
-from mllm.generation import GenerationConfig, TextStream, generate, stream_ids
+from mllm.generation import GenerationConfig, TextStream, generate, image_features, stream_ids
 from mllm.image_processing import ImageError
 from mllm.processor import IGNORE_INDEX
 from mllm.session import ChatSession
@@ -246,3 +246,14 @@ def test_public_entry_points():
 
     assert {"load_model", "ChatSession", "generate", "Processor", "MLLMError"} <= set(mllm.__all__)
     assert all(hasattr(mllm, name) for name in mllm.__all__)
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_model, images):
+    """A prompt prefilled a few tokens at a time decodes exactly as one prefilled at once."""
+    enc = tiny_model.processor.encode(_ask("describe the image in one sentence please"), images[:1], True)
+    features = image_features(tiny_model, enc)
+    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    whole = list(stream_ids(tiny_model, enc.input_ids, DynamicCache(), [], gen, features))
+    pieces = list(stream_ids(tiny_model, enc.input_ids, DynamicCache(), [], gen, features, prefill_chunk=5))
+    assert pieces.count(None) == (len(enc.input_ids) - 1) // 5  # control goes back between two chunks
+    assert [t for t in pieces if t is not None] == whole
