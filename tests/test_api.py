@@ -255,3 +255,28 @@ def test_a_body_over_the_limit_is_413_with_or_without_content_length(model):
 
         r = httpx.post(f"{url}/v1/chat/completions", content=small_chunks(), headers=json_type, timeout=30)
         assert r.status_code == 200, r.text
+
+
+def test_a_huge_request_does_not_delay_a_normal_one_sent_with_it(server):
+    words = "lorem ipsum dolor sit amet " * 12_000
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": words}]}
+    normal = {"model": "tiny", "messages": ask("what color"), "max_tokens": 4}
+    with ThreadPoolExecutor(2) as pool:
+        t0 = time.perf_counter()
+        refused, answered = pool.submit(_post, server, huge), pool.submit(_post, server, normal)
+        refused, answered = refused.result(), answered.result()
+        elapsed = time.perf_counter() - t0
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] is not None
+    assert elapsed < 5.0
+
+
+def test_a_client_gone_mid_stream_frees_its_place_and_the_server_answers_on(server):
+    body = {"model": "tiny", "messages": ask("hello"), "max_tokens": 400, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for _ in range(3):
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up
+    r = _post(server, {"model": "tiny", "messages": ask("what color"), "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
