@@ -6,6 +6,7 @@ tokens/s and the aggregate tokens/s; then checks the server still answers. Bound
 conversations, 512 tokens each, and a wall-clock limit.
 
     .venv/bin/python scripts/bench_api.py [--model default] [--n 16] [--max-tokens 32] [--max-concurrency 4]
+        [--long-prompt 7000]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import base64
 import io
 import random
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -23,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
+from mllm.generation import GenerationConfig
 from training.synth_scene import make_scene, render
 
 
@@ -75,6 +78,36 @@ def one_conversation(client: openai.OpenAI, model: str, image_url: str, max_toke
     }
 
 
+def long_prefill_gaps(engine: ChatEngine, prompt_tokens: int) -> dict:
+    """While one request's `prompt_tokens`-token prompt is prefilled, how often does a running stream still
+    produce tokens? In-process on the server's engine (a reply of fixed length needs `ignore_eos`)."""
+    running = engine.complete([{"role": "user", "content": "hello"}], GenerationConfig(4000, ignore_eos=True))
+    next(running)
+    filler = "the circle is red and the square is blue "
+    per = len(engine.model.processor.encode([{"role": "user", "content": filler * 100}], [], True).input_ids) / 100
+    long_request = engine.complete(
+        [{"role": "user", "content": filler * int(prompt_tokens / per)}], GenerationConfig(1)
+    )
+    done = []
+    worker = threading.Thread(target=lambda: done.append(next(long_request, "")))
+    stamps = [time.perf_counter()]
+    worker.start()
+    while worker.is_alive():
+        next(running)
+        stamps.append(time.perf_counter())
+    worker.join()
+    running.close()
+    long_request.close()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])] or [float("nan")]
+    return {
+        "prompt": long_request.prompt_tokens,
+        "prefill_s": stamps[-1] - stamps[0],
+        "tokens": len(gaps),
+        "max_gap": max(gaps),
+        "p50_gap": percentile(gaps, 50),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -83,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (1..512)")
     p.add_argument("--max-concurrency", type=int, default=4, help="replies the engine generates at once")
     p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the whole run, seconds")
+    p.add_argument(
+        "--long-prompt", type=int, default=0, help="also: a stream's token gaps while a prompt this long prefills"
+    )
     args = p.parse_args(argv)
     if not (1 <= args.n <= 64 and 1 <= args.max_tokens <= 512):
         p.error("need 1 <= --n <= 64 and 1 <= --max-tokens <= 512")
@@ -125,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {percentile(values, 50):.2f}{unit} | {percentile(values, 95):.2f}{unit} |")
     print(f"\naggregate: {tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tokens/s")
     print(f"server alive afterwards: {'yes' if alive else 'NO'}")
+    if args.long_prompt:
+        gaps = long_prefill_gaps(engine, args.long_prompt)
+        print(
+            f"\nwhile a {gaps['prompt']}-token prompt was prefilled ({gaps['prefill_s']:.1f} s), a running stream "
+            f"produced {gaps['tokens']} tokens: inter-token gap p50 {gaps['p50_gap']:.2f} s, max {gaps['max_gap']:.2f} s"
+        )
     return 0 if alive else 1
 
 
