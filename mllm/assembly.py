@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mllm.config import MLLMConfig
 from mllm.connectors import build_connector
+from mllm.cpu_quant import quantize_int4
 from mllm.errors import CheckpointError, MLLMError
 from mllm.image_processing import ImageProcessor
 from mllm.llm import attach_lora, load_llm, load_tokenizer
@@ -56,9 +57,11 @@ def assemble(
     ones, a freshly initialised connector). `llm_weights`: a directory holding fully-tuned LLM weights
     instead of `config.llm.path`'s; `llm_dtype` keeps the LLM in a given dtype (conversion). LoRA: a saved
     `adapter` directory (merged into the weights for inference on an unquantized LLM, so decoding pays
-    nothing for it), or `fresh_adapter`s as `config.llm.lora` describes. `trainable`: train mode, adapters
+    nothing for it; `int4` keeps it beside the 4-bit weights), or `fresh_adapter`s as `config.llm.lora` describes. `trainable`: train mode, adapters
     kept apart; otherwise eval mode.
     """
+    if config.llm.quantization == "int4" and trainable:
+        raise CheckpointError("int4 is an inference format; train a quantized LLM with qlora (4-bit + LoRA)")
     device = pick_device(device)
     vision = build_vision(config.vision)
     if vision_state is not None:
@@ -67,9 +70,12 @@ def assemble(
     if adapter is not None:
         llm = attach_lora(llm, config.llm.lora, adapter_path=str(adapter), trainable=trainable)
         if not trainable and config.llm.quantization == "none":
-            llm = llm.merge_and_unload()
+            llm = llm.merge_and_unload()  # decoding then pays nothing for the adapter
+        # int4 keeps the adapter beside the 4-bit base (mllm.cpu_quant says why); bitsandbytes keeps it too.
     elif fresh_adapter:
         llm = attach_lora(llm, config.llm.lora)
+    if config.llm.quantization == "int4":
+        llm = quantize_int4(llm)
     llm_hidden = llm.get_input_embeddings().embedding_dim
     connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
     if connector_state is not None:

@@ -104,7 +104,7 @@ def read_config(directory: str | Path, quantization: str | None = None) -> MLLMC
 
 
 def with_quantization(config: MLLMConfig, quantization: str) -> MLLMConfig:
-    """`config` with its LLM loaded in `quantization` (none | 8bit | 4bit)."""
+    """`config` with its LLM loaded in `quantization` (none | 8bit | 4bit | int4)."""
     return config.replace(llm=dataclasses.replace(config.llm, quantization=quantization))
 
 

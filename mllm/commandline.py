@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from mllm.config import QUANTIZATIONS
 from mllm.errors import MLLMError
 
 EXIT_USAGE = 2
@@ -27,11 +28,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --load-4bit / --load-8bit, --device: the same flags on every command that loads a model."""
+    """--model, --quantization (--load-4bit / --load-8bit), --device: the same flags on every command that loads
+    a model."""
     p.add_argument("--model", default="default", help="checkpoint directory, or 'default' (built-in demo model)")
     quant = p.add_mutually_exclusive_group()
-    quant.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit (nf4, bitsandbytes)")
-    quant.add_argument("--load-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
+    quant.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="int4: the fast CPU path (torch's int4 kernel); 4bit / 8bit: bitsandbytes (CUDA); none: full "
+        "precision (default: what the checkpoint says)",
+    )
+    quant.add_argument("--load-4bit", action="store_true", help="same as --quantization 4bit (nf4, bitsandbytes)")
+    quant.add_argument("--load-8bit", action="store_true", help="same as --quantization 8bit (bitsandbytes)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -41,8 +50,8 @@ def add_server_args(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def quantization(args: argparse.Namespace) -> str | None:
-    """The --load-4bit / --load-8bit choice as `load_model`'s `quantization`."""
-    return "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
+    """The --quantization / --load-4bit / --load-8bit choice as `load_model`'s `quantization`."""
+    return "4bit" if args.load_4bit else "8bit" if args.load_8bit else args.quantization
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None, prog: str = "mllm") -> int:

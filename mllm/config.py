@@ -16,7 +16,7 @@ VISION_KINDS = ("efficientnet_lite0", "hf")
 EFFICIENTNET_FEATURES = ("final", "multiscale")
 RESIZE_MODES = ("resize", "pad", "crop")
 CONNECTOR_KINDS = ("linear", "mlp2x_gelu", "qformer")
-QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANTIZATIONS = ("none", "8bit", "4bit", "int4")
 TUNE_TYPES = ("frozen", "full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -140,9 +140,10 @@ class LLMConfig:
     path: str = SMOLLM2
     """`smollm2-135m-instruct` (offline), or any AutoModelForCausalLM directory or hub id."""
     quantization: str = "none"
-    """`none`, `8bit` or `4bit` (nf4 + double quant) through bitsandbytes; tower and connector stay unquantized."""
+    """`none`; `8bit` / `4bit` (nf4 + double quant) through bitsandbytes (CUDA, QLoRA); or `int4`, the fast CPU
+    path (torch's int4 kernel: weight-only, groups of 32, bfloat16 activations). Tower and connector stay as they are."""
     dtype: str = "auto"
-    """Compute dtype: `auto` is float32 on CPU (bf16 matmul is very slow there) and bfloat16 on CUDA."""
+    """Compute dtype: `auto` is float32 on CPU and bfloat16 on CUDA (`int4` computes in bfloat16 either way)."""
     lora: LoraConfig | None = None
     """Adapters to attach (None: no LoRA)."""
 

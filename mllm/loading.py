@@ -28,7 +28,7 @@ DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
 def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
     """`default` (the built-in demo model), an mllm checkpoint directory, or a transformers LLaVA / BLIP-2 /
-    InstructBLIP directory. `quantization` (none | 8bit | 4bit) overrides the stored setting."""
+    InstructBLIP directory. `quantization` (none | 8bit | 4bit | int4) overrides the stored setting."""
     if name == "default":
         if (DEMO_DIR / CONFIG_FILE).is_file():
             return load_pretrained(DEMO_DIR, device=device, quantization=quantization)

@@ -1,0 +1,153 @@
+"""The int4 CPU path (`mllm.cpu_quant`): the layer's arithmetic, the LoRA side path, and a whole model loaded
+with `quantization="int4"`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
+from mllm.commandline import Parser, UsageError, add_model_args, quantization
+from mllm.config import LLMConfig, LoraConfig
+from mllm.cpu_quant import GROUP_SIZE, Int4Linear, quantize_int4
+from mllm.errors import CheckpointError
+from mllm.generation import GenerationConfig, generate
+from mllm.loading import load_model
+
+LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+def _on_grid(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Weights that 4-bit groups hold exactly: per group of 32, 16 evenly spaced levels (a GGUF Q4_1 layer)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = (out_features, in_features // GROUP_SIZE)
+    scale = (torch.rand(groups, generator=g) * 0.02 + 0.005).bfloat16().float()
+    low = (torch.randn(groups, generator=g) * 0.05 - 8 * scale).bfloat16().float() + 8 * scale
+    codes = torch.randint(0, 16, (*groups, GROUP_SIZE), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans its whole range, as a min/max quantizer sees it
+    return (low[..., None] + codes * scale[..., None]).reshape(out_features, in_features)
+
+
+def _linear(weight: torch.Tensor, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+    layer.weight.data.copy_(weight)
+    return layer
+
+
+def test_weights_on_a_4bit_grid_come_back_exactly():
+    weight = _on_grid(48, 96)
+    layer = Int4Linear(_linear(weight))
+    eye = torch.eye(96)  # x = I gives W^T: the weights the kernel really multiplies by
+    torch.testing.assert_close(layer(eye).float().t(), weight, atol=2e-3, rtol=1e-2)
+
+
+def test_random_weights_stay_within_the_4bit_rounding_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64, bias=True)
+    layer = Int4Linear(linear)
+    x = torch.randn(5, 7, 128)  # (..., in) -> (..., out): any leading shape
+    got = layer(x)
+    assert got.shape == (5, 7, 64) and got.dtype == torch.bfloat16
+    step = (linear.weight.amax() - linear.weight.amin()) / 15
+    bound = step / 2 * x.abs().sum(-1, keepdim=True)  # every weight off by at most half a step
+    err = (got.float() - linear(x)).abs()
+    assert (err <= bound + 0.05).all()
+    assert err.mean() < 0.1 * linear(x).abs().mean()
+
+
+def test_the_lora_side_path_adds_exactly_the_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    a, b, scaling = torch.randn(4, 64), torch.randn(32, 4), 2.0
+    plain, adapted = Int4Linear(base), Int4Linear(base, lora=(a, b, scaling))
+    x = torch.randn(3, 64)
+    delta = adapted(x).float() - plain(x).float()
+    torch.testing.assert_close(delta, scaling * x @ a.t() @ b.t(), atol=0.05, rtol=0.02)  # up to bf16 rounding
+
+
+def test_merging_then_quantizing_loses_the_adapter_the_side_path_keeps_it():
+    # The default model's LLM comes from a Q4_1 GGUF: its weights sit on a 4-bit grid. A LoRA update is smaller
+    # than that grid's step, so rounding the merged weights puts them back on the base's codes.
+    torch.manual_seed(0)
+    base = _linear(_on_grid(64, 64))
+    a, b = torch.randn(4, 64) * 0.02, torch.randn(64, 4) * 0.02
+    merged = _linear(base.weight + b @ a)
+    x = torch.randn(16, 64)
+    update = x @ (b @ a).t()  # what the adapter adds: (16, 64)
+    lost = Int4Linear(merged)(x).float() - Int4Linear(base)(x).float()
+    kept = Int4Linear(base, lora=(a, b, 1.0))(x).float() - Int4Linear(base)(x).float()
+    assert (lost - update).norm() > 0.7 * update.norm()  # most of the update is gone
+    assert (kept - update).norm() < 0.3 * update.norm()  # what is left is the bfloat16 rounding of the sum
+
+
+def test_shapes_the_kernel_cannot_pack():
+    with pytest.raises(CheckpointError, match="divisible by 32"):
+        Int4Linear(nn.Linear(40, 16))
+    with pytest.raises(CheckpointError, match="out_features by 16"):
+        Int4Linear(nn.Linear(64, 10))
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # 10 outputs: kept, in bfloat16
+    quantize_int4(model)
+    assert isinstance(model[0], Int4Linear) and type(model[2]) is nn.Linear
+    assert model[2].weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 64)).shape == (2, 10)
+
+
+def _ask(text):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture
+def lora_checkpoint(tiny_config, tmp_path):
+    """A tiny mllm checkpoint with a LoRA adapter whose update is large enough to change the answers."""
+    config = tiny_config.replace(
+        llm=LLMConfig(path=tiny_config.llm.path, lora=LORA),
+        tune={"vision": "frozen", "connector": "full", "llm": "lora"},
+    )
+    torch.manual_seed(0)
+    model = build_model(config, device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_pretrained(model.eval(), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_an_int4_model_keeps_its_adapter_and_leaves_tower_and_connector_alone(lora_checkpoint, images):
+    full = load_model(str(lora_checkpoint), device="cpu")
+    fast = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
+    layers = fast.llm.model.layers
+    assert all(
+        isinstance(getattr(layers[0].self_attn, n), Int4Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    assert isinstance(fast.llm.lm_head, Int4Linear)
+    assert layers[0].self_attn.q_proj.lora_a is not None and layers[0].self_attn.k_proj.lora_a is None
+    assert all(p.dtype == torch.float32 for p in [*fast.vision.parameters(), *fast.connector.parameters()])
+    batch = full.processor.collate([full.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)])
+    with torch.no_grad():
+        want = full(batch["input_ids"], pixel_values=batch["pixel_values"])[0][0, -1].float()
+        got = fast(batch["input_ids"], pixel_values=batch["pixel_values"])[0][0, -1].float()
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.98
+    # Greedy decoding with the KV cache agrees with itself and has the full model's first token.
+    gen = GenerationConfig(max_new_tokens=8)
+    first = generate(fast, _ask("what color"), images[:1], gen=gen)
+    assert generate(fast, _ask("what color"), images[:1], gen=gen) == first
+
+
+def test_int4_is_refused_for_training(tiny_config):
+    config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization="int4"))
+    with pytest.raises(CheckpointError, match="inference format.*qlora"):
+        build_model(config, device="cpu", trainable=True)
+
+
+def test_the_quantization_flag():
+    p = Parser(prog="mllm chat")
+    add_model_args(p)
+    assert quantization(p.parse_args(["--quantization", "int4"])) == "int4"
+    assert quantization(p.parse_args(["--load-4bit"])) == "4bit"
+    assert quantization(p.parse_args([])) is None
+    with pytest.raises(UsageError, match="not allowed with argument --quantization"):
+        p.parse_args(["--quantization", "int4", "--load-8bit"])
