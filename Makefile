@@ -56,6 +56,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
+	@# llama.cpp is the competitor the inference benchmark runs beside mllm; built only here, never for test.
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install -e ".[bench]"
 	$(PY) scripts/bench_infer.py
 
 clean:

@@ -21,6 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mllm.int4_decode import int4_decoder
 from mllm.processor import Encoded
 
 
@@ -92,6 +93,7 @@ def stream_ids(
     caller gets control back, so one long prompt never holds a shared model for its whole prefill.
     """
     llm, processor = model.llm, model.processor
+    decoder = int4_decoder(llm)  # the int4 CPU path's own decode step, where it applies
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
     procs = gen.processors()
     generator = None
@@ -106,11 +108,11 @@ def stream_ids(
                 raise Cancelled
         # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
         chunk = embeds[:, start : start + prefill_chunk]  # (1, <= prefill_chunk, D)
-        out = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (1, V)
     for _ in range(gen.max_new_tokens if max_new_tokens is None else max_new_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled
-        scores = out.logits[:, -1].float()  # (1, V)
+        scores = logits.float()  # (1, V)
         if procs:
             scores = procs(torch.tensor([history], device=scores.device), scores)
         if gen.temperature > 0:
@@ -121,7 +123,12 @@ def stream_ids(
             return
         yield token
         history.append(token)
-        out = llm(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
+        if decoder is not None:
+            logits = decoder(token, cache)
+        else:
+            logits = llm(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True).logits[
+                :, -1
+            ]
 
 
 class TextStream:

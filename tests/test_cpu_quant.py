@@ -11,9 +11,9 @@ from mllm.assembly import build_model
 from mllm.checkpoint import save_pretrained
 from mllm.commandline import Parser, UsageError, add_model_args, quantization
 from mllm.config import LLMConfig, LoraConfig
-from mllm.cpu_quant import GROUP_SIZE, Int4Linear, quantize_int4
+from mllm.cpu_quant import GROUP_SIZE, Int4Linear, Int4Part, Int4Siblings, quantize_int4
 from mllm.errors import CheckpointError
-from mllm.generation import GenerationConfig, generate
+from mllm.generation import GenerationConfig, generate, image_features
 from mllm.loading import load_model
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -119,11 +119,12 @@ def test_an_int4_model_keeps_its_adapter_and_leaves_tower_and_connector_alone(lo
     full = load_model(str(lora_checkpoint), device="cpu")
     fast = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
     layers = fast.llm.model.layers
-    assert all(
-        isinstance(getattr(layers[0].self_attn, n), Int4Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-    )
-    assert isinstance(fast.llm.lm_head, Int4Linear)
-    assert layers[0].self_attn.q_proj.lora_a is not None and layers[0].self_attn.k_proj.lora_a is None
+    attention, mlp = layers[0].self_attn, layers[0].mlp
+    assert all(isinstance(getattr(attention, n), Int4Part) for n in ("q_proj", "k_proj", "v_proj"))
+    assert all(isinstance(getattr(mlp, n), Int4Part) for n in ("gate_proj", "up_proj"))
+    assert isinstance(attention.o_proj, Int4Linear) and isinstance(mlp.down_proj, Int4Linear)
+    assert isinstance(fast.llm.lm_head, Int4Linear) and isinstance(layers[0].input_layernorm, torch.nn.RMSNorm)
+    assert attention.fused_q_k_v.ranks == [(0, 4), None, (4, 8)]  # the adapter is on q and v only
     assert all(p.dtype == torch.float32 for p in [*fast.vision.parameters(), *fast.connector.parameters()])
     batch = full.processor.collate([full.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)])
     with torch.no_grad():
@@ -151,3 +152,56 @@ def test_the_quantization_flag():
     assert quantization(p.parse_args([])) is None
     with pytest.raises(UsageError, match="not allowed with argument --quantization"):
         p.parse_args(["--quantization", "int4", "--load-8bit"])
+
+
+def test_siblings_fused_give_what_each_would_alone():
+    torch.manual_seed(0)
+    q, k, v = nn.Linear(64, 64), nn.Linear(64, 32, bias=False), nn.Linear(64, 32)
+    lora_q = (torch.randn(4, 64), torch.randn(64, 4) * 0.1, 2.0)
+    group = Int4Siblings([(q, lora_q), (k, None), (v, None)], torch.bfloat16)
+    parts = [Int4Part(group, i) for i in range(3)]
+    alone = [Int4Linear(q, lora=lora_q), Int4Linear(k), Int4Linear(v)]
+    x = torch.randn(2, 5, 64).bfloat16()
+    for part, single in zip(parts, alone):
+        torch.testing.assert_close(part(x).float(), single(x).float(), atol=0.02, rtol=0.02)
+    # The same tensor changed in place, a sibling called twice, or another tensor: computed again, never stale.
+    before = parts[1](x).float().clone()
+    x.mul_(2)
+    torch.testing.assert_close(parts[2](x).float(), alone[2](x).float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(parts[1](x).float(), 2 * before, atol=0.05, rtol=0.02)
+    with torch.inference_mode():  # no version counter: each sibling still takes its slice only once
+        y = torch.randn(3, 64).bfloat16()
+        first = parts[0](y).float()
+        y.mul_(0)
+        torch.testing.assert_close(parts[0](y).float(), alone[0](y).float(), atol=0.02, rtol=0.02)
+        assert not torch.equal(first, parts[0](y).float())
+    other = torch.randn(2, 5, 64).bfloat16()
+    torch.testing.assert_close(parts[2](other).float(), alone[2](other).float(), atol=0.02, rtol=0.02)
+
+
+def test_the_int4_decode_step_is_transformers_forward_without_the_overhead(lora_checkpoint, images):
+    import copy
+
+    from transformers import DynamicCache
+
+    from mllm.int4_decode import int4_decoder
+
+    model = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
+    decoder = int4_decoder(model.llm)
+    assert decoder is not None
+    assert int4_decoder(load_model(str(lora_checkpoint), device="cpu").llm) is None  # float32: transformers decodes
+    encoded = model.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)
+    with torch.inference_mode():
+        embeds = model.embed(encoded.input_ids[None], image_features=image_features(model, encoded))
+        ours = DynamicCache()
+        model.llm(inputs_embeds=embeds, cache=ours, use_cache=True)
+        theirs = copy.deepcopy(ours)
+        token_ours = token_theirs = 7
+        for _ in range(12):
+            got = decoder(token_ours, ours)  # (1, V)
+            want = model.llm(input_ids=torch.tensor([[token_theirs]]), cache=theirs, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+            token_ours, token_theirs = int(got.argmax()), int(want.argmax())
+            assert token_ours == token_theirs
+        assert ours.get_seq_length() == theirs.get_seq_length() == embeds.shape[1] + 12
+        torch.testing.assert_close(ours.layers[1].keys, theirs.layers[1].keys, atol=0.02, rtol=0.02)
