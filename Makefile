@@ -55,9 +55,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# llama.cpp's native build uses AMX tiles on CPUs that have them, and crashes (SIGSEGV in ldtilecfg) where
+# the kernel does not grant them, as in many VMs and sandboxes: on an AMX CPU build for its AVX-512 instead.
+LLAMA_CPP_AMX_SAFE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
 bench: $(STAMP)
-	@# llama.cpp is the competitor the inference benchmark runs beside mllm; built only here, never for test.
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install -e ".[bench]"
+	@# llama.cpp is the competitor the inference benchmark runs beside mllm; built here only (~10 min), never for test.
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+		if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(LLAMA_CPP_AMX_SAFE)"; fi; \
+		$(PIP) install -e ".[bench]"; }
 	$(PY) scripts/bench_infer.py
 
 clean:

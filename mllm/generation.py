@@ -93,7 +93,7 @@ def stream_ids(
     caller gets control back, so one long prompt never holds a shared model for its whole prefill.
     """
     llm, processor = model.llm, model.processor
-    decoder = int4_decoder(llm)  # the int4 CPU path's own decode step, where it applies
+    decoder = int4_decoder(llm)  # the int4 CPU path's own forward, where it applies
     stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
     procs = gen.processors()
     generator = None
@@ -108,7 +108,10 @@ def stream_ids(
                 raise Cancelled
         # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
         chunk = embeds[:, start : start + prefill_chunk]  # (1, <= prefill_chunk, D)
-        logits = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (1, V)
+        if decoder is not None:
+            logits = decoder.forward(chunk[0], cache)  # (1, V)
+        else:
+            logits = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     for _ in range(gen.max_new_tokens if max_new_tokens is None else max_new_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled

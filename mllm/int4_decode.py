@@ -111,33 +111,39 @@ class Int4Decoder:
         return cls(llm) if isinstance(llm.model.norm, nn.RMSNorm) else None
 
     def __call__(self, token: int, cache) -> torch.Tensor:
-        layers = cache.layers
-        position = layers[0].keys.shape[-2]  # tokens already in the cache
-        h = self.embed[token][None]  # (1, D)
-        cos, sin = self.rotary(h[None], torch.tensor([[position]]))  # (1, 1, head_dim) each
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, 1, head_dim): broadcast over heads
+        """One decode step: `token` appended to `cache`; the logits of what comes next (1, V)."""
+        return self.forward(self.embed[token][None], cache)
+
+    def forward(self, h: torch.Tensor, cache) -> torch.Tensor:
+        """`h` (N, D): the input embeddings of N new positions (a prompt chunk, image slots already merged,
+        or one decoded token), appended to `cache`; the logits at the last of them (1, V)."""
+        n, past = h.shape[0], cache.get_seq_length()  # new positions, positions already in the cache
+        h = h.to(self.embed.dtype)
+        cos, sin = self.rotary(h[None], torch.arange(past, past + n)[None])  # (1, N, hd) each
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, N, hd): broadcast over heads
+        # One query row per new position: it sees the cache and the new positions up to its own.
+        mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool).tril(past)  # (N, past + N)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        for block, layer in zip(self.blocks, layers):
+        for index, block in enumerate(self.blocks):
             x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
-            qkv = block.qkv(x)  # (1, (H + 2 KV) * hd): q, k and v side by side
-            qk = _rotate(qkv[:, : (heads + kv_heads) * head_dim].view(1, heads + kv_heads, 1, head_dim), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]  # one rotation for both: (1, H, 1, hd), (1, KV, 1, hd)
-            v = qkv[:, (heads + kv_heads) * head_dim :].view(1, kv_heads, 1, head_dim)
-            layer.keys = torch.cat([layer.keys, k], -2)  # (1, KV, L + 1, hd)
-            layer.values = torch.cat([layer.values, v], -2)
+            qkv = block.qkv(x)  # (N, (H + 2 KV) * hd): q, k and v side by side
+            qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim).transpose(0, 1)[None]
+            qk = _rotate(qk, cos, sin)  # one rotation for q and k: (1, H + KV, N, hd)
+            v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim).transpose(0, 1)[None]
+            keys, values = cache.update(qk[:, heads:], v, index)  # (1, KV, past + N, hd) each
             attended = F.scaled_dot_product_attention(
-                q, layer.keys, layer.values, scale=block.scaling, enable_gqa=kv_heads != heads
-            )  # (1, H, 1, hd): one query sees the whole cache, so no mask
-            h = h + block.o(attended.reshape(1, heads * head_dim))
+                qk[:, :heads], keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=kv_heads != heads
+            )  # (1, H, N, hd)
+            h = h + block.o(attended[0].transpose(0, 1).reshape(n, heads * head_dim))
             x = F.rms_norm(h, block.norm2.normalized_shape, block.norm2.weight, block.norm2.eps)
             gate, up = block.gate_up(x).split(block.gate_up.sizes, -1)
             h = h + block.down(F.silu(gate) * up)
-        h = F.rms_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
+        h = F.rms_norm(h[-1:], self.norm.normalized_shape, self.norm.weight, self.norm.eps)
         return self.head(h)  # (1, V)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LLaMA's rotary embedding (the rotate-half form): x (1, heads, 1, hd)."""
+    """LLaMA's rotary embedding (the rotate-half form): x (1, heads, N, hd), cos / sin (1, 1, N, hd)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 

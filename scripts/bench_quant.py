@@ -49,7 +49,7 @@ def speed(model, input_ids, features, n_tokens: int, repeats: int) -> tuple[floa
     """(prefill ms, decode tokens/s), medians over `repeats`, timed exactly as bench_infer times mllm."""
     bench_mllm(model, input_ids, features, 4)  # warm-up
     runs = [bench_mllm(model, input_ids, features, n_tokens) for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs) * 1e3, statistics.median(r[2] for r in runs)
+    return statistics.median(r[0] for r in runs) * 1e3, statistics.median(r[1] for r in runs)
 
 
 def measure(args) -> dict:

@@ -116,7 +116,7 @@ def lora_checkpoint(tiny_config, tmp_path):
 
 
 def test_an_int4_model_keeps_its_adapter_and_leaves_tower_and_connector_alone(lora_checkpoint, images):
-    full = load_model(str(lora_checkpoint), device="cpu")
+    full = load_model(str(lora_checkpoint), device="cpu", quantization="none")
     fast = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
     layers = fast.llm.model.layers
     attention, mlp = layers[0].self_attn, layers[0].mlp
@@ -179,9 +179,7 @@ def test_siblings_fused_give_what_each_would_alone():
     torch.testing.assert_close(parts[2](other).float(), alone[2](other).float(), atol=0.02, rtol=0.02)
 
 
-def test_the_int4_decode_step_is_transformers_forward_without_the_overhead(lora_checkpoint, images):
-    import copy
-
+def test_the_int4_forward_is_transformers_forward_without_the_overhead(lora_checkpoint, images):
     from transformers import DynamicCache
 
     from mllm.int4_decode import int4_decoder
@@ -189,13 +187,19 @@ def test_the_int4_decode_step_is_transformers_forward_without_the_overhead(lora_
     model = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
     decoder = int4_decoder(model.llm)
     assert decoder is not None
-    assert int4_decoder(load_model(str(lora_checkpoint), device="cpu").llm) is None  # float32: transformers decodes
+    assert (
+        int4_decoder(load_model(str(lora_checkpoint), device="cpu", quantization="none").llm) is None
+    )  # float32: transformers decodes
     encoded = model.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)
     with torch.inference_mode():
         embeds = model.embed(encoded.input_ids[None], image_features=image_features(model, encoded))
-        ours = DynamicCache()
-        model.llm(inputs_embeds=embeds, cache=ours, use_cache=True)
-        theirs = copy.deepcopy(ours)
+        theirs = DynamicCache()
+        want = model.llm(inputs_embeds=embeds, cache=theirs, use_cache=True).logits[:, -1]
+        ours = DynamicCache()  # the prompt in two chunks: the second sees the first through the cache
+        decoder.forward(embeds[0, :5], ours)
+        got = decoder.forward(embeds[0, 5:], ours)
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(ours.layers[0].values, theirs.layers[0].values, atol=0.02, rtol=0.02)
         token_ours = token_theirs = 7
         for _ in range(12):
             got = decoder(token_ours, ours)  # (1, V)

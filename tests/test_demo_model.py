@@ -29,12 +29,13 @@ README_TEST_ACCURACY = 0.98
 README_REPHRASED_ACCURACY = 0.96
 
 
-@pytest.fixture(scope="module")
-def demo_model():
+@pytest.fixture(scope="module", params=["int4", "none"])
+def demo_model(request):
+    """The demo model as a CPU user gets it (int4, the CPU default) and in full precision."""
     from mllm.loading import load_model
 
     assert (DEMO_DIR / "mllm_config.json").is_file(), "the demo weights are missing from mllm/assets/demo"
-    return load_model("default", device="cpu")
+    return load_model("default", device="cpu", quantization=request.param)
 
 
 def test_shipped_weights_are_small_safetensors():

@@ -170,7 +170,7 @@ def _mllm_logits(model, messages, images, **features_kwargs):
 def test_llava_import_is_exact(llava_dir, photo):
     from mllm.loading import load_model
 
-    model = load_model(str(llava_dir), device="cpu")  # recognised by its config.json, not its name
+    model = load_model(str(llava_dir), device="cpu", quantization="none")  # recognised by its config.json, not its name
     assert model.config.connector.kind == "mlp2x_gelu" and model.tokens_per_image == 16
 
     hf = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
@@ -200,10 +200,10 @@ def test_llava_convert_carries_weights_and_reloads_exactly(llava_dir, photo, tmp
     assert (config["vision"]["path"], config["llm"]["path"]) == ("./vision", "./llm")
     assert (ckpt / "vision" / "model.safetensors").is_file() and (ckpt / "llm" / "model.safetensors").is_file()
 
-    direct = load_model(str(llava_dir), device="cpu")
+    direct = load_model(str(llava_dir), device="cpu", quantization="none")
     moved = tmp_path / "elsewhere"
     ckpt.rename(moved)  # relative paths: the checkpoint folder can move
-    converted = load_model(str(moved), device="cpu")
+    converted = load_model(str(moved), device="cpu", quantization="none")
     _, _, expected = _mllm_logits(direct, _user(PROMPT), [photo])
     _, _, got = _mllm_logits(converted, _user(PROMPT), [photo])
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
@@ -213,11 +213,13 @@ def test_model_loaded_from_llava_dir_saves_a_reference(llava_dir, photo, tmp_pat
     """Saved after a direct load, a checkpoint references the llava-hf directory (no copies) and reloads."""
     from mllm.loading import load_model
 
-    direct = load_model(str(llava_dir), device="cpu")
+    direct = load_model(str(llava_dir), device="cpu", quantization="none")
     save_pretrained(direct, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "llm").exists()
     _, _, expected = _mllm_logits(direct, _user(PROMPT), [photo])
-    _, _, got = _mllm_logits(load_model(str(tmp_path / "ckpt"), device="cpu"), _user(PROMPT), [photo])
+    _, _, got = _mllm_logits(
+        load_model(str(tmp_path / "ckpt"), device="cpu", quantization="none"), _user(PROMPT), [photo]
+    )
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -273,7 +275,7 @@ def blip2_dir(tmp_path_factory):
 def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
     from mllm.loading import load_model
 
-    model = load_model(str(blip2_dir), device="cpu")
+    model = load_model(str(blip2_dir), device="cpu", quantization="none")
     assert model.config.connector.kind == "qformer" and model.tokens_per_image == 4
 
     hf = Blip2ForConditionalGeneration.from_pretrained(blip2_dir).eval()
@@ -294,7 +296,9 @@ def test_blip2_import_is_exact(blip2_dir, photo, tmp_path):
     # Converted: the same model from OUT/vision + OUT/llm + connector.safetensors.
     from mllm.interop import convert
 
-    converted = load_model(str(convert(blip2_dir, tmp_path / "ckpt", source="blip2")), device="cpu")
+    converted = load_model(
+        str(convert(blip2_dir, tmp_path / "ckpt", source="blip2")), device="cpu", quantization="none"
+    )
     _, _, got = _mllm_logits(converted, _user(prompt), [photo])
     assert (got - logits).abs().max() < ATOL
 
@@ -354,7 +358,7 @@ def test_export_hf_llava_reloads_in_transformers(tiny_config, photo, tmp_path, c
 
     ckpt = _trained_checkpoint(tiny_config, tmp_path / "ckpt", resize_mode, connector=connector)
     assert main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf-llava"]) == 0
-    model = load_model(str(ckpt), device="cpu")
+    model = load_model(str(ckpt), device="cpu", quantization="none")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()  # no custom code
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     assert hf.config.image_token_id == model.image_token_id < hf.config.text_config.vocab_size
@@ -397,7 +401,7 @@ def test_export_merges_lora_only_when_asked(tiny_config, photo, tmp_path, capsys
     assert b.abs().max() > 0
     torch.testing.assert_close(merged, base[f"model.{key}.weight"] + (8 / 4) * b @ a, atol=1e-6, rtol=0)
 
-    model = load_model(str(ckpt), device="cpu")
+    model = load_model(str(ckpt), device="cpu", quantization="none")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     inputs = _hf_inputs(AutoProcessor.from_pretrained(tmp_path / "hf"), _user(PROMPT), photo)
     _, _, logits = _mllm_logits(model, _user(PROMPT), [photo])

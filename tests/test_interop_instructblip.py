@@ -31,7 +31,7 @@ def instructblip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(instructblip_dir):
-    return load_model(str(instructblip_dir), device="cpu")  # recognised by its config.json
+    return load_model(str(instructblip_dir), device="cpu", quantization="none")  # recognised by its config.json
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_
     assert main(["convert", "--from", "instructblip", str(instructblip_dir), str(out)]) == 0
     assert (out / "qformer_tokenizer").is_dir()
     assert json.loads((out / "mllm_config.json").read_text())["connector"]["qformer_text_input"] is True
-    converted = load_model(str(out), device="cpu")
+    converted = load_model(str(out), device="cpu", quantization="none")
     expected = _logits(model, _ask(photos[0], PROMPT))
     assert (_logits(converted, _ask(photos[0], PROMPT)) - expected).abs().max() < ATOL
 
@@ -134,7 +134,8 @@ def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_
     save_pretrained(model, tmp_path / "ref")
     assert (tmp_path / "ref" / "qformer_tokenizer").is_dir() and not (tmp_path / "ref" / "llm").exists()
     assert (
-        _logits(load_model(str(tmp_path / "ref"), device="cpu"), _ask(photos[0], PROMPT)) - expected
+        _logits(load_model(str(tmp_path / "ref"), device="cpu", quantization="none"), _ask(photos[0], PROMPT))
+        - expected
     ).abs().max() < ATOL
 
     photos[0].save(tmp_path / "photo.png")
@@ -170,7 +171,7 @@ def test_bad_checkpoints_and_inputs_are_clear_errors(model, photos, tmp_path):
     save_pretrained(model, tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt" / "qformer_tokenizer")
     with pytest.raises(ValueError, match="qformer_tokenizer/ .* is missing"):
-        load_model(str(tmp_path / "ckpt"), device="cpu")
+        load_model(str(tmp_path / "ckpt"), device="cpu", quantization="none")
 
     # Converted by an earlier mllm: qformer_tokenizer/ there, but the config can't say the Q-Former reads text.
     save_pretrained(model, tmp_path / "old")
@@ -179,7 +180,7 @@ def test_bad_checkpoints_and_inputs_are_clear_errors(model, photos, tmp_path):
         del config["connector"][key]
     (tmp_path / "old" / "mllm_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="converted by an older mllm"):
-        load_model(str(tmp_path / "old"), device="cpu")
+        load_model(str(tmp_path / "old"), device="cpu", quantization="none")
 
 
 def test_models_without_text_input_refuse_instructions(tiny_model, tiny_config, images):
