@@ -31,6 +31,22 @@ from app.engine import ChatEngine
 from app.scheduling import ChatError
 
 MAX_BODY_BYTES = 64 * 2**20  # a request with a few large base64 images fits; a runaway one does not
+# What /health reports: the load (running, waiting, recent tokens/s) and the caches (hits, MiB held).
+HEALTH_FIELDS = (
+    "running",
+    "waiting",
+    "generated_tokens",
+    "tokens_per_s",
+    "prefix_cache_entries",
+    "prefix_cache_mib",
+    "prefix_cache_budget_mib",
+    "prefix_cache_hits",
+    "prefix_cache_misses",
+    "prefix_cache_reused_tokens",
+    "feature_cache_images",
+    "feature_cache_hits",
+    "feature_cache_misses",
+)
 
 
 def create_app(
@@ -92,7 +108,7 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", **{k: v for k, v in engine.info().items() if k in ("running", "waiting")}}
+        return {"status": "ok", **{k: v for k, v in engine.info().items() if k in HEALTH_FIELDS}}
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):

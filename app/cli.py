@@ -230,12 +230,22 @@ def cmd_api(argv: list[str]) -> int:
     p.add_argument("--max-concurrency", type=int, default=4, help="replies generated at once (they take turns)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503")
     p.add_argument("--max-body-mb", type=float, default=64, help="larger request bodies get 413")
+    p.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        default=256,
+        help="KV memory kept for prompts that later requests extend (a re-sent history prefills only its new turn); 0: off",
+    )
     args = p.parse_args(argv)
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
-    if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0:
-        raise UsageError("mllm api: need --max-concurrency >= 1, --max-queue >= 0 and --max-body-mb > 0")
-    engine = load_engine(args, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mib < 0:
+        raise UsageError(
+            "mllm api: need --max-concurrency >= 1, --max-queue >= 0, --max-body-mb > 0 and --prefix-cache-mib >= 0"
+        )
+    engine = load_engine(
+        args, max_concurrency=args.max_concurrency, max_queue=args.max_queue, prefix_cache_mib=args.prefix_cache_mib
+    )
     app = create_app(
         engine,
         api_key=args.api_key,

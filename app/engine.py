@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, write_llava
+from app.prefix_cache import FeatureCache, PrefixCache, image_hash, prefix_key
 from app.scheduling import Admission, ChatError, FairLock, Stream
 from mllm.errors import MLLMError
-from mllm.generation import GenerationConfig, reply
+from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
 from mllm.session import ChatSession, image_count, text_of
 
@@ -49,8 +50,15 @@ class ChatEngine:
         max_queue: int = 32,
         max_conversations: int = 64,
         gen: GenerationConfig | None = None,
+        prefix_cache_mib: float = 256,
     ):
+        """`prefix_cache_mib`: the KV pool for the stateless API's shared prefixes (`app.prefix_cache`); 0 turns
+        prefix caching off (image features are still cached by content)."""
         self.model, self.name, self.gen = model, name, gen or GenerationConfig()
+        self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20)) if prefix_cache_mib > 0 else None
+        self.feature_cache = FeatureCache()
+        self.generated_tokens = 0
+        self._finished: deque[tuple[float, int]] = deque()  # (when, tokens) of replies done in the last minute
         self.max_conversations, self.max_concurrency, self.max_queue = max_conversations, max_concurrency, max_queue
         self._admission = Admission(max_concurrency, max_queue)
         self._model_lock = FairLock()
@@ -239,13 +247,40 @@ class ChatEngine:
         return stream
 
     def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
-        # The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text.
-        answer = reply(self.model, encoded, gen, stream.cancel)
+        """The reply to `encoded`, prefilling only what no earlier request's KV holds and encoding only unseen
+        images. The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text."""
+        model = self.model
+        hashes = [image_hash(image) for image in encoded.images]
+        key = prefix_key(encoded, model.image_token_id, hashes)
+        cache, reused = self.prefix_cache.lookup(key) if self.prefix_cache is not None else (None, 0)
+        cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)  # whole images in it
+        features = self.feature_cache.features(model, encoded, hashes, first=cached_images)
+        answer = Reply(
+            model,
+            encoded.input_ids[reused:],
+            gen,
+            cache=cache,
+            context_ids=encoded.input_ids[:reused].tolist(),
+            features=features,
+            cancel=stream.cancel,
+        )
+        stream.cached_tokens = reused
         try:
             yield from answer
             stream.finish_reason = answer.finish_reason
         finally:
             stream.completion_tokens = len(answer.ids)
+            self._count(len(answer.ids))
+            if self.prefix_cache is not None:  # the prompt and the reply, as far as the cache holds them
+                self.prefix_cache.store((key + tuple(answer.ids))[: answer.cache.get_seq_length()], answer.cache)
+
+    def _count(self, tokens: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.generated_tokens += tokens
+            self._finished.append((now, tokens))
+            while self._finished and self._finished[0][0] < now - 60:
+                self._finished.popleft()
 
     @property
     def _max_pixels(self) -> int:
@@ -285,6 +320,11 @@ class ChatEngine:
             "context_length": model.processor.max_length,
             "running": running,
             "waiting": waiting,
+            "generated_tokens": self.generated_tokens,
+            # Replies finished in the last minute, over that minute: the load the server has carried lately.
+            "tokens_per_s": round(sum(n for when, n in self._finished if when >= time.monotonic() - 60) / 60, 2),
+            **self.feature_cache.stats(),
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {"prefix_cache_mib": 0}),
         }
         if model.device.type == "cuda":
             info["cuda_allocated_bytes"] = torch.cuda.memory_allocated(model.device)

@@ -216,7 +216,9 @@ def main(argv=None) -> int:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            p.error("llama.cpp is not installed: `make bench` installs llama-cpp-python (or leave it out of --runtimes)")
+            p.error(
+                "llama.cpp is not installed: `make bench` installs llama-cpp-python (or leave it out of --runtimes)"
+            )
     results = {}
     for runtime in wanted:
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", runtime]
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     print("| runtime | prefill ms | decode tok/s | vs llama.cpp | vs transformers | RSS after load (MiB) | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        vs = lambda other: "" if other is None else f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x"  # noqa: E731
+        vs = lambda other, r=r: "" if other is None else f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x"  # noqa: E731
         accuracy = f"{r['accuracy']:.1%} ({r['questions']})" if "accuracy" in r else "-"
         rss = f"{r['rss_bytes'] / 2**20:,.0f}" + (" (its own)" if name == "llama.cpp" else "")
         print(
