@@ -70,6 +70,81 @@ class Cancelled(Exception):
     """Raised inside a stream when its cancel event is set (the caller stops reading)."""
 
 
+class Sequence:
+    """One reply being decoded: its KV cache, the logits of what comes next, and its own sampling state
+    (logits processors, seeded generator, stop tokens, token budget). `stream_ids` drives one alone;
+    `mllm.batching.Batcher` drives many in one forward per step."""
+
+    def __init__(
+        self,
+        model,
+        cache: DynamicCache,
+        context_ids: list[int],
+        new_ids: torch.Tensor,
+        gen: GenerationConfig,
+        max_new_tokens: int,
+    ):
+        self.model, self.cache, self.gen = model, cache, gen
+        self.stops = set() if gen.ignore_eos else set(model.processor.stop_token_ids)
+        self.procs = gen.processors()
+        self.generator = None
+        if gen.temperature > 0 and gen.seed is not None:
+            self.generator = torch.Generator(device=model.device).manual_seed(gen.seed)
+        self.history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
+        self.remaining = max_new_tokens
+        self.logits: torch.Tensor | None = None  # (1, V) once prefilled
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor) -> None:
+        """`embeds` (1, L, D) appended to the cache; `logits` becomes what follows them."""
+        decoder = int4_decoder(self.model.llm)  # the int4 CPU path's own forward, where it applies
+        if decoder is not None:
+            self.logits = decoder.forward(embeds[0], self.cache)  # (1, V)
+        else:  # logits_to_keep=1: the prompt's other positions never need vocabulary logits
+            out = self.model.llm(inputs_embeds=embeds, cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.logits = out.logits[:, -1]
+
+    def sample(self) -> int | None:
+        """The next token from `logits`, or None when the reply is over (a stop token, or no budget left)."""
+        if self.remaining <= 0:
+            return None
+        scores = self.logits.float()  # (1, V)
+        if self.procs:
+            scores = self.procs(torch.tensor([self.history], device=scores.device), scores)
+        if self.gen.temperature > 0:
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        else:
+            token = int(scores.argmax(-1))
+        if token in self.stops:
+            return None
+        self.history.append(token)
+        self.remaining -= 1
+        return token
+
+
+@torch.inference_mode()
+def feed(model, sequences: list[Sequence], tokens: list[int]) -> None:
+    """Append one token to each sequence's cache and set its next logits: one forward for all of them where
+    the int4 forward applies (each sequence keeps its own cache), one forward each otherwise."""
+    decoder = int4_decoder(model.llm)
+    if decoder is not None:
+        logits = decoder.step(tokens, [s.cache for s in sequences])  # (B, V)
+        for i, sequence in enumerate(sequences):
+            sequence.logits = logits[i : i + 1]
+        return
+    for sequence, token in zip(sequences, tokens):
+        ids = torch.tensor([[token]], device=model.device)
+        sequence.logits = model.llm(input_ids=ids, cache=sequence.cache, use_cache=True).logits[:, -1]
+
+
+def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
+    """The prompt's input embeddings (image features in their slots) in chunks of `prefill_chunk`: (1, <=C, D)."""
+    with torch.inference_mode():
+        embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
+    for start in range(0, embeds.shape[1], prefill_chunk):
+        yield embeds[:, start : start + prefill_chunk]
+
+
 @torch.inference_mode()
 def stream_ids(
     model,
@@ -85,53 +160,31 @@ def stream_ids(
     """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token.
 
     `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
-    the cache is extended in place, so after the loop it holds context + new_ids + all yielded
-    tokens but the last. `image_features` (n_img, N_img, D_llm) are those of the images in `new_ids`,
-    computed by the caller (`image_features`, which passes instructions to a text-reading Q-Former).
-    `max_new_tokens` (default `gen.max_new_tokens`) bounds the reply; `Reply` passes what the context has room for.
-    A long prompt is prefilled `prefill_chunk` tokens at a time, with a None yielded between two chunks: the
-    caller gets control back, so one long prompt never holds a shared model for its whole prefill.
+    the cache is extended in place, so after the loop it holds context + new_ids + the yielded tokens
+    (the last one only if the caller asked for more). `image_features` (n_img, N_img, D_llm) are those of
+    the images in `new_ids`, computed by the caller (`image_features`, which passes instructions to a
+    text-reading Q-Former). `max_new_tokens` (default `gen.max_new_tokens`) bounds the reply; `Reply` passes
+    what the context has room for. A long prompt is prefilled `prefill_chunk` tokens at a time, with a None
+    yielded between two chunks: the caller gets control back, so one long prompt never holds a shared model
+    for its whole prefill.
     """
-    llm, processor = model.llm, model.processor
-    decoder = int4_decoder(llm)  # the int4 CPU path's own forward, where it applies
-    stops = set() if gen.ignore_eos else set(processor.stop_token_ids)
-    procs = gen.processors()
-    generator = None
-    if gen.temperature > 0 and gen.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(gen.seed)
-    history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
-    embeds = model.embed(new_ids[None].to(model.device), image_features=image_features)  # (1, L_new, D)
-    for start in range(0, embeds.shape[1], prefill_chunk):
-        if start:
+    budget = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
+    sequence = Sequence(model, cache, context_ids, new_ids, gen, budget)
+    for k, chunk in enumerate(prefill_chunks(model, new_ids, image_features, prefill_chunk)):
+        if k:
             yield None
             if cancel is not None and cancel.is_set():
                 raise Cancelled
-        # logits_to_keep=1: the prompt's other positions never need vocabulary logits.
-        chunk = embeds[:, start : start + prefill_chunk]  # (1, <= prefill_chunk, D)
-        if decoder is not None:
-            logits = decoder.forward(chunk[0], cache)  # (1, V)
-        else:
-            logits = llm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    for _ in range(gen.max_new_tokens if max_new_tokens is None else max_new_tokens):
+        sequence.prefill(chunk)
+    while True:
         if cancel is not None and cancel.is_set():
             raise Cancelled
-        scores = logits.float()  # (1, V)
-        if procs:
-            scores = procs(torch.tensor([history], device=scores.device), scores)
-        if gen.temperature > 0:
-            token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
-        else:
-            token = int(scores.argmax(-1))
-        if token in stops:
+        token = sequence.sample()
+        if token is None:
             return
         yield token
-        history.append(token)
-        if decoder is not None:
-            logits = decoder(token, cache)
-        else:
-            logits = llm(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True).logits[
-                :, -1
-            ]
+        if sequence.remaining > 0:
+            feed(model, [sequence], [token])
 
 
 class TextStream:

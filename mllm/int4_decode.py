@@ -141,6 +141,36 @@ class Int4Decoder:
         h = F.rms_norm(h[-1:], self.norm.normalized_shape, self.norm.weight, self.norm.eps)
         return self.head(h)  # (1, V)
 
+    def step(self, tokens: list[int], caches: list) -> torch.Tensor:
+        """One decode step for B sequences at once, each with its own cache (their lengths may differ): the
+        projections run as one (B, in) product each, attention per sequence. Logits (B, V)."""
+        if len(tokens) == 1:
+            return self(tokens[0], caches[0])
+        b, heads, kv_heads, head_dim = len(tokens), self.heads, self.kv_heads, self.head_dim
+        h = self.embed[torch.tensor(tokens)]  # (B, D)
+        positions = torch.tensor([[cache.get_seq_length() for cache in caches]])  # (1, B)
+        cos, sin = self.rotary(h[None], positions)  # (1, B, hd): each row its own position
+        cos, sin = cos[0, :, None, None], sin[0, :, None, None]  # (B, 1, 1, hd)
+        for index, block in enumerate(self.blocks):
+            x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
+            qkv = block.qkv(x)  # (B, (H + 2 KV) * hd)
+            qk = _rotate(qkv[:, : (heads + kv_heads) * head_dim].view(b, heads + kv_heads, 1, head_dim), cos, sin)
+            v = qkv[:, (heads + kv_heads) * head_dim :].view(b, kv_heads, 1, head_dim)
+            attended = []
+            for row, cache in enumerate(caches):  # (1, H, 1, hd) each: one query over that sequence's cache
+                keys, values = cache.update(qk[row : row + 1, heads:], v[row : row + 1], index)
+                attended.append(
+                    F.scaled_dot_product_attention(
+                        qk[row : row + 1, :heads], keys, values, scale=block.scaling, enable_gqa=kv_heads != heads
+                    )
+                )
+            h = h + block.o(torch.cat(attended).reshape(b, heads * head_dim))
+            x = F.rms_norm(h, block.norm2.normalized_shape, block.norm2.weight, block.norm2.eps)
+            gate, up = block.gate_up(x).split(block.gate_up.sizes, -1)
+            h = h + block.down(F.silu(gate) * up)
+        h = F.rms_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
+        return self.head(h)  # (B, V)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """LLaMA's rotary embedding (the rotate-half form): x (1, heads, N, hd), cos / sin (1, 1, N, hd)."""

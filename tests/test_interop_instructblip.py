@@ -140,7 +140,17 @@ def test_convert_then_reload_then_chat_cli(model, instructblip_dir, photos, tmp_
 
     photos[0].save(tmp_path / "photo.png")
     capsys.readouterr()
-    args = ["chat", "--model", str(out), "--device", "cpu", "--image", str(tmp_path / "photo.png")]
+    args = [
+        "chat",
+        "--model",
+        str(out),
+        "--device",
+        "cpu",
+        "--quantization",
+        "none",
+        "--image",
+        str(tmp_path / "photo.png"),
+    ]
     assert main([*args, "--max-new-tokens", "6", PROMPT]) == 0
     reply = generate(converted, _ask(photos[0], PROMPT), gen=GenerationConfig(max_new_tokens=6))
     assert capsys.readouterr().out == reply + "\n"
