@@ -24,6 +24,7 @@ import torch
 from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, write_llava
 from app.prefix_cache import FeatureCache, PrefixCache, image_hash, prefix_key
 from app.scheduling import Admission, ChatError, FairLock, Stream
+from mllm.batching import Batcher
 from mllm.errors import MLLMError
 from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
@@ -62,6 +63,7 @@ class ChatEngine:
         self.max_conversations, self.max_concurrency, self.max_queue = max_conversations, max_concurrency, max_queue
         self._admission = Admission(max_concurrency, max_queue)
         self._model_lock = FairLock()
+        self.batcher = Batcher(model, self._model_lock, max_batch=max_concurrency)  # admitted replies decode together
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
@@ -81,7 +83,9 @@ class ChatEngine:
     def new_conversation(self, system: str | None = None) -> str:
         conv_id = uuid.uuid4().hex
         with self._lock:
-            self._conversations[conv_id] = Conversation(ChatSession(self.model, system=system, gen=self.gen))
+            self._conversations[conv_id] = Conversation(
+                ChatSession(self.model, system=system, gen=self.gen, batcher=self.batcher)
+            )
             self._evict()
         return conv_id
 
@@ -89,7 +93,9 @@ class ChatEngine:
         with self._lock:
             conv = self._conversations.get(conv_id)
             if conv is None:
-                conv = self._conversations[conv_id] = Conversation(ChatSession(self.model, gen=self.gen))
+                conv = self._conversations[conv_id] = Conversation(
+                    ChatSession(self.model, gen=self.gen, batcher=self.batcher)
+                )
                 self._evict()
             self._conversations.move_to_end(conv_id)
             return conv
@@ -254,7 +260,8 @@ class ChatEngine:
         key = prefix_key(encoded, model.image_token_id, hashes)
         cache, reused = self.prefix_cache.lookup(key) if self.prefix_cache is not None else (None, 0)
         cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)  # whole images in it
-        features = self.feature_cache.features(model, encoded, hashes, first=cached_images)
+        with self._model_lock:
+            features = self.feature_cache.features(model, encoded, hashes, first=cached_images)
         answer = Reply(
             model,
             encoded.input_ids[reused:],
@@ -263,6 +270,7 @@ class ChatEngine:
             context_ids=encoded.input_ids[:reused].tolist(),
             features=features,
             cancel=stream.cancel,
+            batcher=self.batcher,
         )
         stream.cached_tokens = reused
         try:

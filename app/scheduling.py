@@ -5,11 +5,10 @@ CPU they would also fight over the same cores), so every model call (an image en
 one decoded token) runs under one FairLock. A generation holds it for a single step at a time and
 takes a ticket again for the next, so the lock goes round in arrival order.
 
-Admitted replies take turns token by token. Up to `max_running` (the engine's `max_concurrency`)
-generations are admitted at once; each holds the model lock for one token, then queues behind the
-others, so every admitted reply streams and a long answer does not hold a short one back. Each
-sequence is still decoded alone (batch of one, its own KV cache), so an answer never depends on
-what else is running.
+Admitted replies decode together. Up to `max_running` (the engine's `max_concurrency`) generations
+are admitted at once; `mllm.batching.Batcher` decodes all of them in one forward per step (each with
+its own KV cache and sampling settings, so an answer never depends on what else is running), and
+prompts are prefilled in chunks that take the model lock in turn with those steps.
 
 A bounded waiting queue. Up to `max_waiting` (`max_queue`) more requests wait in a FIFO line and
 are told their 1-based position whenever it changes (`on_queue`); past that a request is refused
@@ -128,7 +127,7 @@ class Stream(Iterator[str]):
     """One generation: iterate for text pieces. Ending, erroring or `close()` frees its place in the queue.
 
     `start(stream)` runs once admitted, under the model lock and `guard()` (the engine's error
-    translation), and returns the piece iterator; each piece is then taken under the lock too.
+    translation), and returns the piece iterator, which takes the lock itself where it runs the model.
     Afterwards `finish_reason` says how it ended: "stop", "length" (`complete` only: session turns
     can't tell it from "stop") or "cancelled"; `complete` also counts `completion_tokens`.
     """
@@ -164,8 +163,7 @@ class Stream(Iterator[str]):
                 with self._model_lock, self._guard():
                     self._pieces = self._start(self)
             while True:
-                with self._model_lock:
-                    piece = next(self._pieces)
+                piece = next(self._pieces)  # the pieces take the model lock themselves (mllm.batching)
                 if piece:  # an empty piece marks a prefill chunk: the lock went round before the next one
                     return piece
         except BaseException as e:  # done, cancelled or failed: this generation is over either way

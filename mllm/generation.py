@@ -243,6 +243,7 @@ class Reply(Iterator[str]):
     "stop" (a stop token), "length" (`max_new_tokens`) or "cancelled" (the event was set; the text so far
     stands). `context_ids` are the ids already in `cache`. A prompt longer than PREFILL_CHUNK tokens is
     prefilled in chunks, and an empty piece marks each chunk done (a shared engine lets others run there).
+    With a `batcher` (`mllm.batching.Batcher`) the reply decodes in its batch, with the same tokens.
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class Reply(Iterator[str]):
         context_ids: list[int] | None = None,
         features: torch.Tensor | None = None,
         cancel: threading.Event | None = None,
+        batcher=None,
     ):
         self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
         self.finish_reason: str | None = None
@@ -263,7 +265,10 @@ class Reply(Iterator[str]):
         self.max_new_tokens = gen.max_new_tokens
         if (limit := model.processor.max_length) is not None:
             self.max_new_tokens = max(0, min(gen.max_new_tokens, limit - len(context_ids) - len(new_ids)))
-        tokens = stream_ids(model, new_ids, self.cache, context_ids, gen, features, cancel, self.max_new_tokens)
+        if batcher is not None:  # decoded together with the other running replies (`mllm.batching`)
+            tokens = batcher.tokens(new_ids, self.cache, context_ids, gen, features, cancel, self.max_new_tokens)
+        else:
+            tokens = stream_ids(model, new_ids, self.cache, context_ids, gen, features, cancel, self.max_new_tokens)
         self._pieces = self._run(tokens)
 
     @property

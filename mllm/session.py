@@ -42,10 +42,12 @@ def text_of(message: dict) -> str:
 
 
 class ChatSession:
-    def __init__(self, model, system: str | None = None, gen: GenerationConfig | None = None):
+    def __init__(self, model, system: str | None = None, gen: GenerationConfig | None = None, batcher=None):
+        """`batcher`: a `mllm.batching.Batcher` to decode in (a server's sessions share one); None decodes alone."""
         self.model = model
         self.system = system
         self.gen = gen or GenerationConfig()
+        self.batcher = batcher
         self.reset()
 
     def reset(self) -> None:
@@ -116,7 +118,7 @@ class ChatSession:
         features = torch.stack(pending) if pending else None
         self.last_prefill_tokens = len(ids) - keep
         new_ids = torch.tensor(ids[keep:], dtype=torch.long)
-        reply = Reply(self.model, new_ids, gen, self._cache, self._cached_ids, features, cancel)
+        reply = Reply(self.model, new_ids, gen, self._cache, self._cached_ids, features, cancel, self.batcher)
         try:
             yield from reply
         finally:

@@ -1,0 +1,133 @@
+"""Continuous batching: the replies being generated decode together, one forward per step for all of them.
+
+A `Batcher` owns a thread that, while any reply is running, takes the model lock for one step: it samples
+each running sequence's next token with that sequence's own settings (temperature, top-p, seed, penalty,
+stop tokens, token budget), hands the tokens to their readers, and feeds all of them in one forward
+(`mllm.generation.feed`). A reply joins at the first step after its prompt is prefilled and leaves when
+it stops, runs out of budget, is cancelled or its reader goes away. Prompts are prefilled by the
+reader's own thread in chunks, each under the same lock, so a long prompt takes turns with the batched
+steps instead of stalling the replies already streaming. Every sequence keeps its own KV cache, so an
+answer does not depend on what else is running.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+import torch
+
+from mllm.generation import Cancelled, Sequence, feed, prefill_chunks
+
+_DONE = object()
+
+
+class _Running:
+    """A sequence in the batch, with its reader's queue of tokens."""
+
+    def __init__(self, sequence: Sequence, cancel: threading.Event | None):
+        self.sequence, self.cancel = sequence, cancel
+        self.out: queue.SimpleQueue = queue.SimpleQueue()  # token ids, then _DONE, Cancelled() or an error
+        self.abandoned = False  # the reader stopped reading: leave at the next step
+
+
+class Batcher:
+    """Decodes every registered reply of `model` together; `lock` is the model lock every model call takes."""
+
+    def __init__(self, model, lock: AbstractContextManager, max_batch: int = 64):
+        self.model, self.lock, self.max_batch = model, lock, max_batch
+        self._cond = threading.Condition()
+        self._joining: list[_Running] = []
+        self._running: list[_Running] = []
+        self._thread: threading.Thread | None = None
+        self.steps = self.batched_tokens = 0  # for the figures: mean batch = batched_tokens / steps
+
+    def tokens(
+        self,
+        new_ids: torch.Tensor,
+        cache,
+        context_ids: list[int],
+        gen,
+        features: torch.Tensor | None,
+        cancel: threading.Event | None,
+        max_new_tokens: int,
+    ) -> Iterator[int | None]:
+        """`mllm.generation.stream_ids`, batched: the same tokens, a None after each prefill chunk but the last."""
+        sequence = Sequence(self.model, cache, context_ids, new_ids, gen, max_new_tokens)
+        with self.lock:
+            chunks = list(prefill_chunks(self.model, new_ids, features))
+        for k, chunk in enumerate(chunks):
+            if k:
+                yield None
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            with self.lock:
+                sequence.prefill(chunk)
+        running = _Running(sequence, cancel)
+        self._join(running)
+        try:
+            while (item := running.out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            running.abandoned = True  # a reader that stops early takes its sequence out of the batch
+
+    def _join(self, running: _Running) -> None:
+        with self._cond:
+            self._joining.append(running)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="mllm-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._joining or self._running, timeout=30)
+                if not self._joining and not self._running:
+                    self._thread = None  # idle: the next reply starts a new thread
+                    return
+                room = self.max_batch - len(self._running)
+                self._running += self._joining[:room]
+                self._joining = self._joining[room:]
+            with self.lock:
+                self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Sample one token for each running sequence, hand it over, and feed all that go on in one forward."""
+        going, tokens = [], []
+        for running in self._running:
+            if running.abandoned:
+                continue
+            if running.cancel is not None and running.cancel.is_set():
+                running.out.put(Cancelled())
+                continue
+            try:
+                token = running.sequence.sample()
+            except Exception as e:  # noqa: BLE001 - a sampling error belongs to that reply alone
+                running.out.put(e)
+                continue
+            if token is None:
+                running.out.put(_DONE)
+                continue
+            running.out.put(token)
+            if running.sequence.remaining > 0:
+                going.append(running)
+                tokens.append(token)
+            else:
+                running.out.put(_DONE)
+        if going:
+            try:
+                feed(self.model, [r.sequence for r in going], tokens)
+                self.steps += 1
+                self.batched_tokens += len(going)
+            except Exception as e:  # noqa: BLE001 - tell every reader, do not kill the batcher
+                for running in going:
+                    running.out.put(e)
+                going = []
+        with self._cond:
+            self._running = going

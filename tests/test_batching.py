@@ -1,0 +1,109 @@
+"""Continuous batching (`mllm.batching`) on a tiny int4 model: replies decoded together are the replies
+decoded alone, a cancelled one leaves without disturbing the rest, and the engine really batches."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from app.engine import ChatEngine
+from mllm.batching import Batcher
+from mllm.checkpoint import save_pretrained
+from mllm.generation import GenerationConfig, Reply, image_features
+from mllm.loading import load_model
+
+PROMPTS = ["what color is the circle", "how many objects are there", "describe the image in one sentence", "hi"]
+GENS = [
+    GenerationConfig(max_new_tokens=12, ignore_eos=True),
+    GenerationConfig(max_new_tokens=7, ignore_eos=True),
+    GenerationConfig(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+    GenerationConfig(max_new_tokens=10, repetition_penalty=1.3, ignore_eos=True),
+]
+
+
+@pytest.fixture(scope="module")
+def int4_model(tiny_config, tmp_path_factory):
+    from mllm.assembly import build_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
+    return load_model(str(directory), device="cpu", quantization="int4")
+
+
+def _encoded(model, text, image):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return model.processor.encode(messages, [image], add_generation_prompt=True)
+
+
+def _reply(model, encoded, gen, batcher=None, cancel=None):
+    answer = Reply(
+        model, encoded.input_ids, gen, features=image_features(model, encoded), cancel=cancel, batcher=batcher
+    )
+    text = "".join(answer)
+    return text, list(answer.ids), answer.finish_reason
+
+
+def test_replies_decoded_together_are_the_replies_decoded_alone(int4_model, images):
+    encoded = [_encoded(int4_model, p, images[k % 2]) for k, p in enumerate(PROMPTS)]
+    alone = [_reply(int4_model, e, g) for e, g in zip(encoded, GENS)]
+    batcher = Batcher(int4_model, threading.Lock())
+    together = [None] * len(PROMPTS)
+    start = threading.Barrier(len(PROMPTS))
+
+    def run(k):
+        start.wait()
+        together[k] = _reply(int4_model, encoded[k], GENS[k], batcher)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert together == alone
+    assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
+
+
+def test_a_cancelled_reply_leaves_the_batch_and_the_others_finish_unchanged(int4_model, images):
+    encoded = [_encoded(int4_model, p, images[0]) for p in PROMPTS[:3]]
+    gens = [GenerationConfig(max_new_tokens=40, ignore_eos=True)] * 3
+    alone = [_reply(int4_model, e, g) for e, g in zip(encoded, gens)]
+    batcher, cancel = Batcher(int4_model, threading.Lock()), threading.Event()
+    results = [None] * 3
+
+    def run(k):
+        results[k] = _reply(int4_model, encoded[k], gens[k], batcher, cancel if k == 1 else None)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    cancel.set()
+    for t in threads:
+        t.join(60)
+    assert results[1][2] == "cancelled" and len(results[1][1]) < 40
+    assert results[0] == alone[0] and results[2] == alone[2]
+
+
+def test_the_engine_batches_concurrent_api_requests(int4_model, images):
+    engine = ChatEngine(int4_model, max_concurrency=4)
+    gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    requests = [
+        [{"role": "user", "content": [{"type": "image", "image": images[k % 2]}, {"type": "text", "text": p}]}]
+        for k, p in enumerate(PROMPTS)
+    ]
+    alone = ["".join(ChatEngine(int4_model, prefix_cache_mib=0).complete(r, gen=gen)) for r in requests]
+    streams = [engine.complete(r, gen=gen) for r in requests]
+    texts = [""] * len(streams)
+
+    def drain(k):
+        texts[k] = "".join(streams[k])
+
+    threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(streams))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert texts == alone
+    assert engine.batcher.batched_tokens > engine.batcher.steps
