@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mllm.commandline import EXIT_USAGE, Parser, UsageError, add_model_args, add_server_args, quantization, run
 from mllm.errors import ImageError, MLLMError
+from mllm.hub import local_path
 
 
 def load_model(args: argparse.Namespace):
@@ -158,7 +159,7 @@ def cmd_convert(argv: list[str]) -> int:
         "(tower and LLM weights are copied into OUT/vision and OUT/llm).",
     )
     p.add_argument("--from", dest="source", required=True, choices=["llava", "blip2", "instructblip"])
-    p.add_argument("src", help="transformers checkpoint directory (e.g. a llava-hf/llava-1.5-7b-hf snapshot)")
+    p.add_argument("src", help="transformers checkpoint directory or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument("out", help="where to write the mllm checkpoint")
     p.add_argument(
         "--template",
@@ -167,7 +168,8 @@ def cmd_convert(argv: list[str]) -> int:
         help="LLaVA only: a named chat template instead of the checkpoint's own",
     )
     args = p.parse_args(argv)
-    return _print_written(p.prog, convert, args.src, args.out, source=args.source, template=args.template)
+    src = local_path(args.src)  # a hub id: its downloaded snapshot
+    return _print_written(p.prog, convert, src, args.out, source=args.source, template=args.template)
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -179,14 +181,14 @@ def cmd_export(argv: list[str]) -> int:
         prog="mllm export",
         description="Export an mllm checkpoint for transformers / vLLM / SGLang (LlavaForConditionalGeneration).",
     )
-    p.add_argument("checkpoint", help="mllm checkpoint directory")
+    p.add_argument("checkpoint", help="mllm checkpoint directory or hub id")
     p.add_argument("out", help="output directory")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: the base LLM's)")
     args = p.parse_args(argv)
     return _print_written(
-        p.prog, export_hf_llava, args.checkpoint, args.out, merge_lora=args.merge_lora, dtype=args.dtype
+        p.prog, export_hf_llava, local_path(args.checkpoint), args.out, merge_lora=args.merge_lora, dtype=args.dtype
     )
 
 
@@ -227,7 +229,7 @@ def cmd_api(argv: list[str]) -> int:
     add_server_args(p, port=8000)
     p.add_argument("--api-key", default=os.environ.get("MLLM_API_KEY"), help="require this bearer token")
     p.add_argument("--allowed-image-dir", default=None, help="let requests name image files under this folder")
-    p.add_argument("--max-concurrency", type=int, default=4, help="replies generated at once (they take turns)")
+    p.add_argument("--max-concurrency", type=int, default=16, help="replies generated at once (decoded as one batch)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503")
     p.add_argument("--max-body-mb", type=float, default=64, help="larger request bodies get 413")
     p.add_argument(

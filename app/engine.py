@@ -47,7 +47,7 @@ class ChatEngine:
         self,
         model,
         name: str = "mllm",
-        max_concurrency: int = 4,
+        max_concurrency: int = 16,
         max_queue: int = 32,
         max_conversations: int = 64,
         gen: GenerationConfig | None = None,

@@ -23,6 +23,7 @@ from mllm.atomic import atomic_directory
 from mllm.config import SMOLLM2, LLMConfig, LoraConfig
 from mllm.errors import CheckpointError
 from mllm.hf_checkpoints import detect_format, quiet_loading
+from mllm.hub import local_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -97,8 +98,8 @@ def ensure_smollm2() -> Path:
 
 
 def resolve_llm_path(path: str) -> str:
-    """Map the offline name to its converted directory; anything else is a directory or hub id."""
-    return str(ensure_smollm2()) if path == SMOLLM2 else path
+    """Map the offline name to its converted directory, a hub id to its downloaded snapshot (`mllm.hub`)."""
+    return str(ensure_smollm2()) if path == SMOLLM2 else local_path(path)
 
 
 def quantization_config(cfg: LLMConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:

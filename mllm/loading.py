@@ -19,6 +19,7 @@ from mllm.checkpoint import load_pretrained, with_quantization
 from mllm.config import CONFIG_FILE, MLLMConfig
 from mllm.errors import CheckpointError
 from mllm.hf_checkpoints import detect_format, read_hf_config
+from mllm.hub import local_path
 from mllm.interop.importer import load_transformers
 from mllm.model import MLLM
 from mllm.processor import Processor
@@ -31,8 +32,9 @@ CPU_DEFAULT_QUANTIZATION = "int4"
 
 def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
     """`default` (the built-in demo model), an mllm checkpoint directory, or a transformers LLaVA / BLIP-2 /
-    InstructBLIP directory. `quantization` (none | 8bit | 4bit | int4) overrides the stored setting; left
+    InstructBLIP directory, or any of these by hub id (`org/name`, `org/name@revision`: `mllm.hub`). `quantization` (none | 8bit | 4bit | int4) overrides the stored setting; left
     out, a CPU load is `int4` (`CPU_DEFAULT_QUANTIZATION`) and a CUDA load keeps the stored setting."""
+    name = local_path(name)  # a hub id (`org/name[@revision]`) becomes its downloaded snapshot
     if quantization is None and pick_device(device).type == "cpu":
         quantization = CPU_DEFAULT_QUANTIZATION
     if name == "default":
@@ -57,7 +59,7 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
 def load_processor(name: str = "default") -> Processor:
     """The processor of `load_model(name)`'s model on its own (mllm checkpoints and `default`: no weights are
     read; a transformers directory's processor is the one its import makes)."""
-    directory = DEMO_DIR if name == "default" else Path(name)
+    directory = DEMO_DIR if name == "default" else Path(local_path(name))
     if (directory / CONFIG_FILE).is_file():
         return Processor.from_pretrained(directory)
     return load_model(name, device="cpu", quantization="none").processor

@@ -39,6 +39,7 @@ from transformers import (
 
 from mllm.config import VisionConfig
 from mllm.hf_checkpoints import quiet_loading
+from mllm.hub import local_path
 
 Triple = tuple[float, float, float]
 
@@ -201,7 +202,7 @@ class HFVisionTower(VisionTower):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        path = cfg.path
+        path = local_path(cfg.path)  # a hub id: its safetensors-only snapshot
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except OSError as e:
@@ -257,7 +258,7 @@ def _hf_normalisation(cfg: VisionConfig) -> tuple[Triple, Triple]:
     if cfg.image_mean is not None and cfg.image_std is not None:
         return cfg.image_mean, cfg.image_std
     try:
-        processor = AutoImageProcessor.from_pretrained(cfg.path)
+        processor = AutoImageProcessor.from_pretrained(local_path(cfg.path))
         mean, std = processor.image_mean, processor.image_std
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(

@@ -1,12 +1,13 @@
 """API load benchmark: N concurrent conversations, each with its own shapes-world image, over real HTTP.
 
-Starts the OpenAI-compatible server in-process on loopback, streams every answer with the
-`openai` client, and prints p50 / p95 latency, time to first token (TTFT), per-stream decode
-tokens/s and the aggregate tokens/s; then checks the server still answers. Bounded: at most 64
-conversations, 512 tokens each, and a wall-clock limit.
+Starts the OpenAI-compatible server in-process on loopback and streams every answer with the `openai`
+client: for each concurrency level, the aggregate tokens/s (and its ratio to one stream), the mean batch
+the engine decoded, p50 / p95 latency and time to first token (TTFT); then a multi-turn scenario (one
+client, 5 turns, the history re-sent each time) against the same model served with the prefix cache off.
+Bounded: at most 64 conversations, 512 tokens each, and a wall-clock limit.
 
-    .venv/bin/python scripts/bench_api.py [--model default] [--n 16] [--max-tokens 32] [--max-concurrency 4]
-        [--long-prompt 7000]
+    .venv/bin/python scripts/bench_api.py [--model default] [--levels 1,4,16] [--max-tokens 32]
+        [--max-concurrency 16] [--turns 5] [--long-prompt 7000]
 """
 
 from __future__ import annotations
@@ -108,59 +109,133 @@ def long_prefill_gaps(engine: ChatEngine, prompt_tokens: int) -> dict:
     }
 
 
+def concurrent(client, model_id: str, images: list[str], max_tokens: int, timeout: float) -> dict | None:
+    """len(images) conversations at once, one image each: latency / TTFT percentiles and aggregate tokens/s."""
+    wall = time.perf_counter()
+    with ThreadPoolExecutor(len(images)) as pool:
+        futures = [pool.submit(one_conversation, client, model_id, im, max_tokens) for im in images]
+        done, pending = wait(futures, timeout=timeout)
+        for future in pending:
+            future.cancel()
+    wall = time.perf_counter() - wall
+    if pending:
+        return None
+    results = [f.result() for f in futures]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "n": len(images),
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate": tokens / wall,
+        "latency": [r["latency"] for r in results],
+        "ttft": [r["ttft"] for r in results],
+    }
+
+
+def multi_turn(client, model_id: str, image_url: str, turns: int, max_tokens: int) -> tuple[list[float], list[str]]:
+    """One client, `turns` turns through the stateless API, the whole history re-sent each time (as every chat
+    front end does): each turn's time to first token, and the answers."""
+    questions = [
+        "Describe the image.",
+        "What colour is the circle?",
+        "How many objects are there?",
+        "Is there a square?",
+        "Where is the triangle?",
+        "What shapes do you see?",
+    ]
+    messages, ttfts, answers = [], [], []
+    for k in range(turns):
+        content = [{"type": "text", "text": questions[k % len(questions)]}]
+        if k == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+        messages.append({"role": "user", "content": content})
+        start, first, text = time.perf_counter(), None, ""
+        for chunk in client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=max_tokens, stream=True, temperature=0
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text += chunk.choices[0].delta.content
+        ttfts.append((first or time.perf_counter()) - start)
+        answers.append(text)
+        messages.append({"role": "assistant", "content": text})
+    return ttfts, answers
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto")
-    p.add_argument("--n", type=int, default=16, help="concurrent conversations (1..64)")
+    p.add_argument("--levels", default="1,4,16", help="concurrent conversations to measure, a comma list (1..64)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (1..512)")
-    p.add_argument("--max-concurrency", type=int, default=4, help="replies the engine generates at once")
-    p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the whole run, seconds")
+    p.add_argument("--max-concurrency", type=int, default=16, help="replies the engine generates (batches) at once")
+    p.add_argument("--turns", type=int, default=5, help="multi-turn scenario: turns per client (0: skip)")
+    p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for each level, seconds")
     p.add_argument(
         "--long-prompt", type=int, default=0, help="also: a stream's token gaps while a prompt this long prefills"
     )
     args = p.parse_args(argv)
-    if not (1 <= args.n <= 64 and 1 <= args.max_tokens <= 512):
-        p.error("need 1 <= --n <= 64 and 1 <= --max-tokens <= 512")
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if not levels or not all(1 <= n <= 64 for n in levels) or not 1 <= args.max_tokens <= 512:
+        p.error("need --levels within 1..64 and 1 <= --max-tokens <= 512")
     hf_logging.disable_progress_bar()
 
     t0 = time.perf_counter()
-    engine = ChatEngine.load(args.model, device=args.device, max_concurrency=args.max_concurrency, max_queue=args.n)
-    print(f"model {args.model!r} loaded in {time.perf_counter() - t0:.1f} s on {engine.info()['device']}")
-    images = [data_uri(render(make_scene(random.Random(1000 + i)))) for i in range(args.n)]
+    engine = ChatEngine.load(
+        args.model, device=args.device, max_concurrency=args.max_concurrency, max_queue=max(levels)
+    )
+    info = engine.info()
+    print(
+        f"model {args.model!r} ({info['quantization']}) loaded in {time.perf_counter() - t0:.1f} s on {info['device']}"
+    )
+    images = [data_uri(render(make_scene(random.Random(1000 + i)))) for i in range(max(levels))]
 
+    runs = []
     with serving(create_app(engine)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
         one_conversation(client, engine.model_id, images[0], 4)  # warm-up: first-call allocations are not load
-        wall = time.perf_counter()
-        with ThreadPoolExecutor(args.n) as pool:
-            futures = [pool.submit(one_conversation, client, engine.model_id, im, args.max_tokens) for im in images]
-            done, pending = wait(futures, timeout=args.timeout)
-            for future in pending:
-                future.cancel()
-        wall = time.perf_counter() - wall
-        if pending:
-            print(f"FAILED: {len(pending)} of {args.n} conversations did not finish within {args.timeout:.0f} s")
-            return 1
-        results = [f.result() for f in futures]
-        alive = client.models.list().data[0].id == engine.model_id
-        alive = alive and client.chat.completions.create(
+        for n in levels:
+            steps, batched = engine.batcher.steps, engine.batcher.batched_tokens
+            run = concurrent(client, engine.model_id, images[:n], args.max_tokens, args.timeout)
+            if run is None:
+                print(f"FAILED: {n} conversations did not finish within {args.timeout:.0f} s")
+                return 1
+            run["mean_batch"] = (engine.batcher.batched_tokens - batched) / max(engine.batcher.steps - steps, 1)
+            runs.append(run)
+        alive = client.chat.completions.create(
             model=engine.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
+        if args.turns:
+            cached_ttft, cached_answers = multi_turn(client, engine.model_id, images[0], args.turns, args.max_tokens)
 
-    tokens = sum(r["tokens"] for r in results)
-    rows = [
-        ("latency", [r["latency"] for r in results], "s"),
-        ("time to first token", [r["ttft"] for r in results], "s"),
-        ("decode tokens/s per stream", [r["tok_s"] for r in results if r["tok_s"] == r["tok_s"]], ""),
-    ]
-    print(f"\n{args.n} concurrent conversations, max_tokens={args.max_tokens}, max_concurrency={args.max_concurrency}")
-    print("| metric | p50 | p95 |\n|---|---|---|")
-    for name, values, unit in rows:
-        if values:
-            print(f"| {name} | {percentile(values, 50):.2f}{unit} | {percentile(values, 95):.2f}{unit} |")
-    print(f"\naggregate: {tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tokens/s")
+    single = next((r["aggregate"] for r in runs if r["n"] == 1), None)
+    print(f"\nmax_tokens={args.max_tokens}, greedy, max_concurrency={args.max_concurrency}, over HTTP (openai client)")
+    print("| conversations | aggregate tok/s | vs 1 stream | mean batch | latency p50 / p95 (s) | TTFT p50 / p95 (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        ratio = f"{r['aggregate'] / single:.2f}x" if single else ""
+        print(
+            f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['mean_batch']:.1f} "
+            f"| {percentile(r['latency'], 50):.2f} / {percentile(r['latency'], 95):.2f} "
+            f"| {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 95):.2f} |"
+        )
     print(f"server alive afterwards: {'yes' if alive else 'NO'}")
+    if args.turns:
+        # The same scenario against the same model served with the prefix cache off.
+        plain = ChatEngine(engine.model, name=engine.name, max_concurrency=args.max_concurrency, prefix_cache_mib=0)
+        with serving(create_app(plain)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
+            plain_ttft, plain_answers = multi_turn(client, plain.model_id, images[0], args.turns, args.max_tokens)
+        stats = engine.info()
+        print(f"\nmulti-turn: {args.turns} turns, the history re-sent each time; time to first token (ms)")
+        print("| turn | prefix cache on | off | speed-up |\n|---|---|---|---|")
+        for k, (on, off) in enumerate(zip(cached_ttft, plain_ttft)):
+            print(f"| {k + 1} | {on * 1e3:.0f} | {off * 1e3:.0f} | {off / on:.1f}x |")
+        same = "yes" if cached_answers == plain_answers else "NO"
+        print(
+            f"answers token-for-token equal to the uncached server: {same}; cache: {stats['prefix_cache_hits']} hits, "
+            f"{stats['prefix_cache_mib']} MiB held, {stats['feature_cache_hits']} image-feature hits"
+        )
     if args.long_prompt:
         gaps = long_prefill_gaps(engine, args.long_prompt)
         print(

@@ -17,6 +17,7 @@ from torch import nn
 from mllm import assembly
 from mllm.checkpoint import load_pretrained
 from mllm.config import ConnectorConfig, MLLMConfig
+from mllm.hub import local_path
 from mllm.llm import attach_lora
 from mllm.model import MLLM
 from mllm.processor import Processor
@@ -34,7 +35,7 @@ def model_for_stage(
     if init is not None:
         if config is not None:
             raise ValueError("give either --init (a checkpoint) or --model-config (a fresh model), not both")
-        model = load_pretrained(init, device=device, quantization=quant, trainable=True)
+        model = load_pretrained(local_path(str(init)), device=device, quantization=quant, trainable=True)
     else:
         if config is None and stage.connector_kind:
             config = MLLMConfig().replace(connector=ConnectorConfig(kind=stage.connector_kind))
