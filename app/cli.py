@@ -34,7 +34,7 @@ def load_engine(args: argparse.Namespace, **limits):
     """A ChatEngine (`mllm ui`, `mllm api`) over `load_model(args)`; `limits` are its queue sizes."""
     from app.engine import ChatEngine
 
-    return ChatEngine(load_model(args), name=args.model, **limits)
+    return ChatEngine.on_model_thread(lambda: load_model(args), name=args.model, **limits)
 
 
 # ---- mllm chat ------------------------------------------------------------------------------------

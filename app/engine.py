@@ -52,6 +52,7 @@ class ChatEngine:
         max_conversations: int = 64,
         gen: GenerationConfig | None = None,
         prefix_cache_mib: float = 256,
+        batcher: Batcher | None = None,
     ):
         """`prefix_cache_mib`: the KV pool for the stateless API's shared prefixes (`app.prefix_cache`); 0 turns
         prefix caching off (image features are still cached by content)."""
@@ -62,17 +63,27 @@ class ChatEngine:
         self._finished: deque[tuple[float, int]] = deque()  # (when, tokens) of replies done in the last minute
         self.max_conversations, self.max_concurrency, self.max_queue = max_conversations, max_concurrency, max_queue
         self._admission = Admission(max_concurrency, max_queue)
-        self._model_lock = FairLock()
-        self.batcher = Batcher(model, self._model_lock, max_batch=max_concurrency)  # admitted replies decode together
+        # The model thread: every model call runs there, the admitted replies decode there as one batch.
+        self.batcher = batcher or Batcher(model, FairLock(), max_batch=max_concurrency)
+        self.batcher.max_batch = max_concurrency
+        self._model_lock = self.batcher.lock
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None, quantization: str | None = None, **kwargs):
+        """`load_model(name)` on a new model thread, and the engine over it."""
         from mllm.loading import load_model
 
-        return cls(load_model(name, device=device, quantization=quantization), name=name, **kwargs)
+        return cls.on_model_thread(lambda: load_model(name, device=device, quantization=quantization), name, **kwargs)
+
+    @classmethod
+    def on_model_thread(cls, load, name: str = "mllm", max_concurrency: int = 16, **kwargs):
+        """The engine over `load()`'s model, loaded on the model thread it will run on (one OpenMP team)."""
+        batcher = Batcher(None, FairLock(), max_batch=max_concurrency)
+        batcher.model = batcher.run(load)
+        return cls(batcher.model, name=name, max_concurrency=max_concurrency, batcher=batcher, **kwargs)
 
     @property
     def model_id(self) -> str:
@@ -199,14 +210,15 @@ class ChatEngine:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
             candidate = session.messages[:cut] + [{"role": "user", "content": content}]
             # Check now, so a bad request fails at once instead of after its wait in the queue.
-            with self._model_lock:
-                self.model.processor.encode(candidate, session.images[:kept] + images, add_generation_prompt=True)
+            self.batcher.run(
+                self.model.processor.encode, candidate, session.images[:kept] + images, add_generation_prompt=True
+            )
 
             def start(stream: Stream) -> Iterator[str]:
                 # Runs once admitted: a request cancelled while queued has changed nothing.
                 if replace_last:
                     rollback(conv, cut)
-                pieces = session.send(text, images, gen or self.gen, stream.cancel)
+                pieces = self.batcher.run(session.send, text, images, gen or self.gen, stream.cancel)  # encodes images
                 conv.sources.extend(source for _, source in pictures)
                 return pieces
 
@@ -236,8 +248,7 @@ class ChatEngine:
                             part = {"type": "image", "image": image}
                         parts.append(part)
                     message["content"] = parts
-            with self._model_lock:
-                encoded = self.model.processor.encode(messages, add_generation_prompt=True)
+            encoded = self.batcher.run(self.model.processor.encode, messages, add_generation_prompt=True)
         gen = gen or self.gen
         limit, prompt = self.model.processor.max_length, len(encoded.input_ids)
         if exact_max_tokens and limit is not None and prompt + gen.max_new_tokens > limit:
@@ -258,10 +269,10 @@ class ChatEngine:
         model = self.model
         hashes = [image_hash(image) for image in encoded.images]
         key = prefix_key(encoded, model.image_token_id, hashes)
-        cache, reused = self.prefix_cache.lookup(key) if self.prefix_cache is not None else (None, 0)
+        # The cache copy and the image encode run on the model thread (their kernels too: one OpenMP team).
+        cache, reused = self.batcher.run(self.prefix_cache.lookup, key) if self.prefix_cache is not None else (None, 0)
         cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)  # whole images in it
-        with self._model_lock:
-            features = self.feature_cache.features(model, encoded, hashes, first=cached_images)
+        features = self.batcher.run(self.feature_cache.features, model, encoded, hashes, first=cached_images)
         answer = Reply(
             model,
             encoded.input_ids[reused:],

@@ -126,8 +126,8 @@ class Admission:
 class Stream(Iterator[str]):
     """One generation: iterate for text pieces. Ending, erroring or `close()` frees its place in the queue.
 
-    `start(stream)` runs once admitted, under the model lock and `guard()` (the engine's error
-    translation), and returns the piece iterator, which takes the lock itself where it runs the model.
+    `start(stream)` runs once admitted, under `guard()` (the engine's error translation), and returns the
+    piece iterator; both run their model calls on the engine's model thread (`mllm.batching.Batcher.run`).
     Afterwards `finish_reason` says how it ended: "stop", "length" (`complete` only: session turns
     can't tell it from "stop") or "cancelled"; `complete` also counts `completion_tokens`.
     """
@@ -160,7 +160,7 @@ class Stream(Iterator[str]):
                 if not self._admission.wait(self, self.cancel, self._on_queue):
                     self.finish_reason = "cancelled"
                     raise StopIteration
-                with self._model_lock, self._guard():
+                with self._guard():  # start runs its model calls on the engine's model thread
                     self._pieces = self._start(self)
             while True:
                 piece = next(self._pieces)  # the pieces take the model lock themselves (mllm.batching)

@@ -1,20 +1,26 @@
 """Continuous batching: the replies being generated decode together, one forward per step for all of them.
 
-A `Batcher` owns a thread that, while any reply is running, takes the model lock for one step: it samples
+A `Batcher` owns the model thread: every model call of a server runs there, the prompts' prefill chunks
+and image encodes (`run`) taking turns with the decode steps. One thread, because torch's CPU kernels run
+on an OpenMP team per calling thread: with a second team on the same cores the workers stop spinning
+between kernels and every small product waits on a wake-up (a decode step took 3.7x longer when run from
+a second thread). Each decode step takes the model lock and samples
 each running sequence's next token with that sequence's own settings (temperature, top-p, seed, penalty,
 stop tokens, token budget), hands the tokens to their readers, and feeds all of them in one forward
 (`mllm.generation.feed`). A reply joins at the first step after its prompt is prefilled and leaves when
-it stops, runs out of budget, is cancelled or its reader goes away. Prompts are prefilled by the
-reader's own thread in chunks, each under the same lock, so a long prompt takes turns with the batched
-steps instead of stalling the replies already streaming. Every sequence keeps its own KV cache, so an
-answer does not depend on what else is running.
+it stops, runs out of budget, is cancelled or its reader goes away. Prompts are prefilled in chunks, one
+chunk between two steps, so a long prompt never stalls the replies already streaming. Every sequence
+keeps its own KV cache, so an answer does not depend on what else is running.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 
 import torch
@@ -22,6 +28,7 @@ import torch
 from mllm.generation import Cancelled, Sequence, feed, prefill_chunks
 
 _DONE = object()
+JOB_BUDGET_S = 0.1  # the most time jobs take between two decode steps (one job always runs)
 
 
 class _Running:
@@ -39,10 +46,24 @@ class Batcher:
     def __init__(self, model, lock: AbstractContextManager, max_batch: int = 64):
         self.model, self.lock, self.max_batch = model, lock, max_batch
         self._cond = threading.Condition()
+        self._jobs: deque[tuple[Callable, Future]] = deque()
         self._joining: list[_Running] = []
         self._running: list[_Running] = []
-        self._thread: threading.Thread | None = None
         self.steps = self.batched_tokens = 0  # for the figures: mean batch = batched_tokens / steps
+        # The model thread lives as long as the process: a new thread would mean a new OpenMP team.
+        self._thread = threading.Thread(target=self._loop, name="mllm-model", daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the model thread, under the model lock, between two decode steps; its result
+        (or its exception) here. Called on the model thread itself, it just runs."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        with self._cond:
+            self._jobs.append((lambda: fn(*args, **kwargs), future))
+            self._cond.notify()
+        return future.result()
 
     def tokens(
         self,
@@ -56,15 +77,13 @@ class Batcher:
     ) -> Iterator[int | None]:
         """`mllm.generation.stream_ids`, batched: the same tokens, a None after each prefill chunk but the last."""
         sequence = Sequence(self.model, cache, context_ids, new_ids, gen, max_new_tokens)
-        with self.lock:
-            chunks = list(prefill_chunks(self.model, new_ids, features))
+        chunks = self.run(lambda: list(prefill_chunks(self.model, new_ids, features)))
         for k, chunk in enumerate(chunks):
             if k:
                 yield None
             if cancel is not None and cancel.is_set():
                 raise Cancelled
-            with self.lock:
-                sequence.prefill(chunk)
+            self.run(sequence.prefill, chunk)  # one chunk between two decode steps
         running = _Running(sequence, cancel)
         self._join(running)
         try:
@@ -78,23 +97,36 @@ class Batcher:
     def _join(self, running: _Running) -> None:
         with self._cond:
             self._joining.append(running)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="mllm-batcher", daemon=True)
-                self._thread.start()
             self._cond.notify()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._joining or self._running, timeout=30)
-                if not self._joining and not self._running:
-                    self._thread = None  # idle: the next reply starts a new thread
-                    return
+                self._cond.wait_for(lambda: self._jobs or self._joining or self._running)
+            # Jobs first (image encodes, prompt chunks), for up to JOB_BUDGET_S, then one decode step: new
+            # prompts join the batch quickly, and the replies already streaming never wait longer than that.
+            started = time.perf_counter()
+            while True:
+                with self._cond:
+                    job = self._jobs.popleft() if self._jobs else None
+                if job is None:
+                    break
+                fn, future = job
+                try:
+                    with self.lock:
+                        future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the caller gets it, the thread goes on
+                    future.set_exception(e)
+                if time.perf_counter() - started > JOB_BUDGET_S:
+                    break
+            with self._cond:
                 room = self.max_batch - len(self._running)
                 self._running += self._joining[:room]
                 self._joining = self._joining[room:]
-            with self.lock:
-                self._step()
+                decode = bool(self._running)
+            if decode:
+                with self.lock:
+                    self._step()
 
     @torch.inference_mode()
     def _step(self) -> None:

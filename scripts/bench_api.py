@@ -132,6 +132,30 @@ def concurrent(client, model_id: str, images: list[str], max_tokens: int, timeou
     }
 
 
+def in_process(engine: ChatEngine, scenes: list, max_tokens: int) -> float:
+    """The same conversations on the engine directly (no HTTP, no client in this process): aggregate tokens/s."""
+    gen = GenerationConfig(max_new_tokens=max_tokens)
+    streams = [
+        engine.complete(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": im}, {"type": "text", "text": "Describe the image."}],
+                }
+            ],
+            gen=gen,
+        )
+        for im in scenes
+    ]
+    wall = time.perf_counter()
+    threads = [threading.Thread(target=lambda s=s: "".join(s)) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(s.completion_tokens for s in streams) / (time.perf_counter() - wall)
+
+
 def multi_turn(client, model_id: str, image_url: str, turns: int, max_tokens: int) -> tuple[list[float], list[str]]:
     """One client, `turns` turns through the stateless API, the whole history re-sent each time (as every chat
     front end does): each turn's time to first token, and the answers."""
@@ -188,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {args.model!r} ({info['quantization']}) loaded in {time.perf_counter() - t0:.1f} s on {info['device']}"
     )
-    images = [data_uri(render(make_scene(random.Random(1000 + i)))) for i in range(max(levels))]
+    scenes = [render(make_scene(random.Random(1000 + i))) for i in range(max(levels))]
+    images = [data_uri(scene) for scene in scenes]
 
     runs = []
     with serving(create_app(engine)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
         one_conversation(client, engine.model_id, images[0], 4)  # warm-up: first-call allocations are not load
+        cache = engine.prefix_cache
         for n in levels:
             steps, batched = engine.batcher.steps, engine.batcher.batched_tokens
             run = concurrent(client, engine.model_id, images[:n], args.max_tokens, args.timeout)
@@ -201,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED: {n} conversations did not finish within {args.timeout:.0f} s")
                 return 1
             run["mean_batch"] = (engine.batcher.batched_tokens - batched) / max(engine.batcher.steps - steps, 1)
+            engine.prefix_cache = None  # the in-process figure prefills like the HTTP one did the first time
+            run["engine"] = in_process(engine, [s.copy() for s in scenes[:n]], args.max_tokens)
+            engine.prefix_cache = cache
             runs.append(run)
         alive = client.chat.completions.create(
             model=engine.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -209,13 +238,18 @@ def main(argv: list[str] | None = None) -> int:
             cached_ttft, cached_answers = multi_turn(client, engine.model_id, images[0], args.turns, args.max_tokens)
 
     single = next((r["aggregate"] for r in runs if r["n"] == 1), None)
+    single_engine = next((r["engine"] for r in runs if r["n"] == 1), None)
     print(f"\nmax_tokens={args.max_tokens}, greedy, max_concurrency={args.max_concurrency}, over HTTP (openai client)")
-    print("| conversations | aggregate tok/s | vs 1 stream | mean batch | latency p50 / p95 (s) | TTFT p50 / p95 (s) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| conversations | aggregate tok/s (HTTP) | vs 1 stream | engine in-process tok/s | vs 1 stream | mean batch "
+        "| latency p50 / p95 (s) | TTFT p50 / p95 (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         ratio = f"{r['aggregate'] / single:.2f}x" if single else ""
+        engine_ratio = f"{r['engine'] / single_engine:.2f}x" if single_engine else ""
         print(
-            f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['mean_batch']:.1f} "
+            f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['engine']:.1f} | {engine_ratio} | {r['mean_batch']:.1f} "
             f"| {percentile(r['latency'], 50):.2f} / {percentile(r['latency'], 95):.2f} "
             f"| {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 95):.2f} |"
         )
