@@ -64,3 +64,122 @@ def test_markdown_table_lists_every_type():
     table = markdown_table(s.summary(), title="demo")
     assert "| shape | 1 | 100.0% |" in table and "| exists | 1 | 0.0% |" in table
     assert "**overall** | 2 | **50.0%**" in table and "F1" in table
+
+
+# ---- runs: resumable answers files, LLaVA formats, the score subcommand ------------------------------
+import json  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A tiny model checkpoint and a few shapes-world test rows (LLaVA JSON, references in the last turn)."""
+
+    from training.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("eval-run")
+    paths = write_dataset(root / "data", n=40, seed=0)
+    return root, paths
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_config, tmp_path_factory):
+    import torch
+
+    from mllm.assembly import build_model
+    from mllm.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("eval-ckpt") / "ckpt"
+    save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
+    return directory
+
+
+def _eval(ckpt, paths, *extra):
+    from training.evaluate import main
+
+    return main(["--model", str(ckpt), "--data", str(paths["test_qa"]), "--image-folder", str(paths["images"]),
+                 "--max-new-tokens", "4", "--limit", "8", *extra])  # fmt: skip
+
+
+def test_a_killed_eval_resumes_to_the_same_scores(shapes, tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from training import eval_files
+
+    root, paths = shapes
+    assert _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "full.jsonl")) == 0
+    uninterrupted = capsys.readouterr().out
+
+    written, real_write = [], eval_files.AnswerWriter.write
+
+    def dies_after_three(self, *args, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # as if the process were killed after three answers reached the disk
+        written.append(args[0])
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(eval_files.AnswerWriter, "write", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "resumed.jsonl"))
+    assert len((tmp_path / "resumed.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(eval_files.AnswerWriter, "write", real_write)
+    capsys.readouterr()
+    assert _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "resumed.jsonl")) == 0
+    assert capsys.readouterr().out == uninterrupted  # the same per-type table
+    lines = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and len({row["question_id"] for row in lines}) == 8  # nothing answered twice
+    assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    settings = json.loads((tmp_path / "resumed.settings.json").read_text())
+    assert settings["generation"]["max_new_tokens"] == 4 and settings["generation"]["greedy"]
+    assert "{%" in settings["chat_template"] and settings["quantization"] == "int4"  # the CPU default, recorded
+
+
+def test_batched_eval_gives_the_same_answers(shapes, tiny_ckpt, tmp_path, capsys):
+    root, paths = shapes
+    assert _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "one.jsonl")) == 0
+    assert _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "four.jsonl"), "--batch-size", "4") == 0
+    read = lambda p: {r["question_id"]: r["text"] for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
+    assert read(tmp_path / "one.jsonl") == read(tmp_path / "four.jsonl")
+
+
+def test_llava_question_files_and_the_score_subcommand(shapes, tiny_ckpt, tmp_path, capsys):
+    from training.evaluate import main
+
+    root, paths = shapes
+    rows = json.loads(paths["test_qa"].read_text())[:6]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(
+        json.dumps({"question_id": f"q{k}", "image": r["image"], "text": r["conversations"][0]["value"].replace("<image>\n", ""),
+                    "category": "adversarial" if k % 2 else "random", "answer": r["conversations"][1]["value"]}) + "\n"
+        for k, r in enumerate(rows)
+    ))  # fmt: skip
+    answers = tmp_path / "answers.jsonl"
+    args = ["--model", str(tiny_ckpt), "--questions", str(questions), "--image-folder", str(paths["images"]),
+            "--answers-file", str(answers), "--max-new-tokens", "3", "--task", "exact"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == 6
+    # POPE scoring of an answers file, no model loaded: labels from a label file, splits from the questions.
+    pope_answers = tmp_path / "pope_answers.jsonl"
+    pope_answers.write_text("".join(json.dumps({"question_id": f"q{k}", "text": t}) + "\n"
+                                    for k, t in enumerate(["Yes.", "No, there is not.", "Yes", "no", "Yes", "Yes"])))  # fmt: skip
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"question_id": f"q{k}", "label": v}) + "\n"
+                              for k, v in enumerate(["yes", "no", "no", "no", "yes", "yes"])))  # fmt: skip
+    assert main(["score", "--task", "pope", "--answers", str(pope_answers), "--annotations", str(labels),
+                 "--questions", str(questions)]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    # random (q0, q2, q4): yes/yes, yes/no, yes/yes -> TP 2, FP 1; adversarial (q1, q3, q5): no/no, no/no, yes/yes
+    assert result["random"]["accuracy"] == pytest.approx(2 / 3) and result["random"]["precision"] == pytest.approx(
+        2 / 3
+    )
+    assert result["adversarial"]["accuracy"] == 1.0 and result["adversarial"]["yes_ratio"] == pytest.approx(1 / 3)
+
+
+def test_score_subcommand_errors_are_one_line(tmp_path):
+    from mllm.commandline import UsageError
+    from training.evaluate import main
+
+    (tmp_path / "a.jsonl").write_text('{"question_id": 1, "text": "yes"}\n')
+    with pytest.raises(UsageError, match="needs --annotations"):
+        from training.evaluate import _main
+
+        _main(["score", "--task", "vqav2", "--answers", str(tmp_path / "a.jsonl")])
+    assert main(["score", "--task", "pope", "--answers", str(tmp_path / "missing.jsonl")]) == 2
