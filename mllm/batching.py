@@ -15,6 +15,7 @@ keeps its own KV cache, so an answer does not depend on what else is running.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -50,9 +51,20 @@ class Batcher:
         self._joining: list[_Running] = []
         self._running: list[_Running] = []
         self.steps = self.batched_tokens = 0  # for the figures: mean batch = batched_tokens / steps
-        # The model thread lives as long as the process: a new thread would mean a new OpenMP team.
+        # The model thread lives as long as the process (a new thread would mean a new OpenMP team) and is
+        # stopped at exit: torch aborts ("terminate called ...") if a thread that ran its kernels is cut off.
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mllm-model", daemon=True)
         self._thread.start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the model thread once the running replies are done with (no new work is taken)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
     def run(self, fn: Callable, *args, **kwargs):
         """`fn(*args, **kwargs)` on the model thread, under the model lock, between two decode steps; its result
@@ -102,7 +114,9 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._joining or self._running)
+                self._cond.wait_for(lambda: self._jobs or self._joining or self._running or self._closed)
+                if self._closed and not self._jobs and not self._running:
+                    return
             # Jobs first (image encodes, prompt chunks), for up to JOB_BUDGET_S, then one decode step: new
             # prompts join the batch quickly, and the replies already streaming never wait longer than that.
             started = time.perf_counter()
