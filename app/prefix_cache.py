@@ -18,6 +18,7 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache
 
+from mllm.generation import image_features
 from mllm.processor import Encoded
 
 
@@ -125,8 +126,6 @@ class FeatureCache:
 
     def features(self, model, encoded: Encoded, hashes: list[str], first: int = 0) -> torch.Tensor | None:
         """`mllm.generation.image_features(model, encoded, first)`, encoding only the images not seen before."""
-        from mllm.generation import image_features
-
         n = len(encoded.images)
         if n <= first:
             return None

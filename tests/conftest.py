@@ -58,3 +58,31 @@ def one_thread():
 def images() -> list[Image.Image]:
     """Two small distinct RGB images."""
     return [Image.new("RGB", (40, 30), (220, 30, 30)), Image.new("RGB", (24, 24), (30, 30, 220))]
+
+
+class OfflineHub:
+    """A temporary Hugging Face cache; `publish` puts a directory in it as `huggingface_hub` keeps a downloaded
+    repository (models--org--name/snapshots/<commit>/, refs/main naming the commit)."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+
+    def publish(self, repo_id: str, source: Path, commit: str = "a" * 40) -> None:
+        import shutil
+
+        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(source, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> OfflineHub:
+    """An empty Hugging Face cache, and no network: HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return OfflineHub(cache)

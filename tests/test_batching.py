@@ -38,6 +38,17 @@ def _encoded(model, text, image):
     return model.processor.encode(messages, [image], add_generation_prompt=True)
 
 
+def _in_threads(fn, n: int, after_start=None) -> None:
+    """`fn(0)` ... `fn(n - 1)` at once, each in its own thread (`after_start()` once all have started)."""
+    threads = [threading.Thread(target=fn, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    if after_start is not None:
+        after_start()
+    for t in threads:
+        t.join(60)
+
+
 def _reply(model, encoded, gen, batcher=None, cancel=None):
     answer = Reply(
         model, encoded.input_ids, gen, features=image_features(model, encoded), cancel=cancel, batcher=batcher
@@ -57,11 +68,7 @@ def test_replies_decoded_together_are_the_replies_decoded_alone(int4_model, imag
         start.wait()
         together[k] = _reply(int4_model, encoded[k], GENS[k], batcher)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(run, len(PROMPTS))
     assert together == alone
     assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
 
@@ -76,12 +83,7 @@ def test_a_cancelled_reply_leaves_the_batch_and_the_others_finish_unchanged(int4
     def run(k):
         results[k] = _reply(int4_model, encoded[k], gens[k], batcher, cancel if k == 1 else None)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    cancel.set()
-    for t in threads:
-        t.join(60)
+    _in_threads(run, 3, after_start=cancel.set)
     assert results[1][2] == "cancelled" and len(results[1][1]) < 40
     assert results[0] == alone[0] and results[2] == alone[2]
 
@@ -100,10 +102,6 @@ def test_the_engine_batches_concurrent_api_requests(int4_model, images):
     def drain(k):
         texts[k] = "".join(streams[k])
 
-    threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(drain, len(streams))
     assert texts == alone
     assert engine.batcher.batched_tokens > engine.batcher.steps

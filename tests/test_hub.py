@@ -11,25 +11,11 @@ from mllm.errors import CheckpointError
 from mllm.hub import is_hub_id, local_path
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
-def _repo(cache, repo_id, files: dict[str, str], commit="c" * 40):
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
+def _files(directory, files: dict[str, str]):
+    directory.mkdir()
     for name, text in files.items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / name).write_text(text)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+        (directory / name).write_text(text)
+    return directory
 
 
 def test_what_counts_as_a_hub_id(tmp_path):
@@ -40,10 +26,9 @@ def test_what_counts_as_a_hub_id(tmp_path):
     assert local_path(str(tmp_path / "org" / "name")) == str(tmp_path / "org" / "name")  # a path stays a path
 
 
-def test_a_repository_with_only_pickled_weights_is_refused(offline_hub):
-    _repo(
-        offline_hub, "someone/old-model", {"config.json": json.dumps({"model_type": "llava"}), "pytorch_model.bin": "x"}
-    )
+def test_a_repository_with_only_pickled_weights_is_refused(offline_hub, tmp_path):
+    old = _files(tmp_path / "old", {"config.json": json.dumps({"model_type": "llava"}), "pytorch_model.bin": "x"})
+    offline_hub.publish("someone/old-model", old)
     with pytest.raises(CheckpointError, match=r"only as pickle files \(pytorch_model.bin\).*safe_serialization=True"):
         local_path("someone/old-model")
 
@@ -89,8 +74,6 @@ def test_only_safe_files_are_ever_asked_for(monkeypatch, tmp_path):
 def test_an_mllm_checkpoint_by_hub_id_and_hub_ids_inside_a_config(
     offline_hub, tiny_config, tiny_llama_dir, tiny_clip_dir, tmp_path, images
 ):
-    import shutil
-
     import torch
 
     from mllm.assembly import build_model
@@ -98,14 +81,8 @@ def test_an_mllm_checkpoint_by_hub_id_and_hub_ids_inside_a_config(
     from mllm.config import LLMConfig, VisionConfig
     from mllm.loading import load_model
 
-    def publish(repo_id, directory, commit):
-        repo = offline_hub / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(directory, repo / "snapshots" / commit)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
-
-    publish("org/tiny-llama", tiny_llama_dir, "1" * 40)
-    publish("org/tiny-clip", tiny_clip_dir, "2" * 40)
+    offline_hub.publish("org/tiny-llama", tiny_llama_dir, "1" * 40)
+    offline_hub.publish("org/tiny-clip", tiny_clip_dir, "2" * 40)
     config = tiny_config.replace(
         vision=VisionConfig(kind="hf", path="org/tiny-clip"), llm=LLMConfig(path="org/tiny-llama")
     )
@@ -113,7 +90,7 @@ def test_an_mllm_checkpoint_by_hub_id_and_hub_ids_inside_a_config(
     model = build_model(config, device="cpu").eval()  # both parts resolved from the cache by hub id
     save_pretrained(model, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "mllm_config.json").read_text())["llm"]["path"] == "org/tiny-llama"
-    publish("me/tiny-mllm", tmp_path / "ckpt", "3" * 40)
+    offline_hub.publish("me/tiny-mllm", tmp_path / "ckpt", "3" * 40)
     loaded = load_model("me/tiny-mllm", device="cpu", quantization="none")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}]
     batch = model.processor.collate([model.processor.encode(messages, images[:1], add_generation_prompt=True)])

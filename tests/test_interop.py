@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,34 +424,11 @@ def test_export_refuses_what_llava_cannot_hold(tiny_config, tmp_path):
             export_hf_llava(tmp_path / name, tmp_path / f"{name}-hf")
 
 
-def _into_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "a" * 40) -> None:
-    """`source`'s files as `huggingface_hub` keeps a downloaded repository: models--org--name/snapshots/<commit>/
-    with refs/main naming the commit."""
-    import shutil
-
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(source, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, and no network: HF_HUB_OFFLINE=1."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def test_llava_and_blip2_load_by_hub_id_from_the_offline_cache(offline_hub, llava_dir, blip2_dir, photo):
     from mllm.loading import load_model
 
-    _into_hub_cache(offline_hub, "llava-hf/tiny-llava", llava_dir)
-    _into_hub_cache(offline_hub, "Salesforce/tiny-blip2", blip2_dir, commit="b" * 40)
+    offline_hub.publish("llava-hf/tiny-llava", llava_dir)
+    offline_hub.publish("Salesforce/tiny-blip2", blip2_dir, commit="b" * 40)
     for repo, directory in (("llava-hf/tiny-llava", llava_dir), ("Salesforce/tiny-blip2@" + "b" * 40, blip2_dir)):
         by_name = load_model(repo, device="cpu", quantization="none")  # recognised by its config, not its name
         by_path = load_model(str(directory), device="cpu", quantization="none")
