@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from mllm.generation import Cancelled, Sequence, feed, prefill_chunks
+from mllm.generation import Cancelled, Sequence, feed, prefill_chunks, release
 
 _DONE = object()
 JOB_BUDGET_S = 0.1  # the most time jobs take between two decode steps (one job always runs)
@@ -50,7 +50,10 @@ class Batcher:
         self._jobs: deque[tuple[Callable, Future]] = deque()
         self._joining: list[_Running] = []
         self._running: list[_Running] = []
-        self.steps = self.batched_tokens = 0  # for the figures: mean batch = batched_tokens / steps
+        # For the figures: mean batch = batched_tokens / steps; decode rate = batched_tokens / decode_s (the
+        # time in decode steps alone, without the prompts' prefill and image encodes between them).
+        self.steps = self.batched_tokens = 0
+        self.decode_s = 0.0
         # The model thread lives as long as the process (a new thread would mean a new OpenMP team) and is
         # stopped at exit: torch aborts ("terminate called ...") if a thread that ran its kernels is cut off.
         self._closed = False
@@ -140,7 +143,9 @@ class Batcher:
                 decode = bool(self._running)
             if decode:
                 with self.lock:
+                    started = time.perf_counter()
                     self._step()
+                    self.decode_s += time.perf_counter() - started
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -148,24 +153,25 @@ class Batcher:
         going, tokens = [], []
         for running in self._running:
             if running.abandoned:
+                self._leave(running, None)
                 continue
             if running.cancel is not None and running.cancel.is_set():
-                running.out.put(Cancelled())
+                self._leave(running, Cancelled())
                 continue
             try:
                 token = running.sequence.sample()
             except Exception as e:  # noqa: BLE001 - a sampling error belongs to that reply alone
-                running.out.put(e)
+                self._leave(running, e)
                 continue
             if token is None:
-                running.out.put(_DONE)
+                self._leave(running, _DONE)
                 continue
             running.out.put(token)
             if running.sequence.remaining > 0:
                 going.append(running)
                 tokens.append(token)
             else:
-                running.out.put(_DONE)
+                self._leave(running, _DONE)
         if going:
             try:
                 feed(self.model, [r.sequence for r in going], tokens)
@@ -173,7 +179,14 @@ class Batcher:
                 self.batched_tokens += len(going)
             except Exception as e:  # noqa: BLE001 - tell every reader, do not kill the batcher
                 for running in going:
-                    running.out.put(e)
+                    self._leave(running, e)
                 going = []
         with self._cond:
             self._running = going
+
+    def _leave(self, running: _Running, last) -> None:
+        """Take `running` out of the batch (its cache whole again before its reader can see the end), then
+        hand its reader `last` (the end marker, Cancelled() or an error; None when nobody reads)."""
+        release(self.model, running.sequence)
+        if last is not None:
+            running.out.put(last)

@@ -137,6 +137,14 @@ def feed(model, sequences: list[Sequence], tokens: list[int]) -> None:
         sequence.logits = model.llm(input_ids=ids, cache=sequence.cache, use_cache=True).logits[:, -1]
 
 
+def release(model, sequence: Sequence) -> None:
+    """`sequence` leaves the batch `feed` decodes it in: its cache holds every position fed so far again
+    (the int4 forward keeps a batch's keys / values side by side while it runs)."""
+    decoder = int4_decoder(model.llm)
+    if decoder is not None:
+        decoder.release(sequence.cache)
+
+
 def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
     """The prompt's input embeddings (image features in their slots) in chunks of `prefill_chunk`: (1, <=C, D)."""
     with torch.inference_mode():

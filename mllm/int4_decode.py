@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.batch_kv import BatchKV
 from mllm.cpu_quant import Int4Linear, Int4Siblings
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -78,6 +79,7 @@ class Int4Decoder:
         self.blocks = [Block(layer) for layer in llm.model.layers]
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = llm.model.layers[0].self_attn.head_dim
+        self.batch = BatchKV(len(self.blocks), self.kv_heads, self.head_dim, self.embed.dtype)
 
     @classmethod
     def for_model(cls, llm: nn.Module) -> Int4Decoder | None:
@@ -133,30 +135,38 @@ class Int4Decoder:
 
     def step(self, tokens: list[int], caches: list) -> torch.Tensor:
         """One decode step for B sequences at once, each with its own cache (their lengths may differ): the
-        projections run as one (B, in) product each, attention per sequence. Logits (B, V)."""
-        if len(tokens) == 1:
-            return self(tokens[0], caches[0])
+        projections run as one (B, in) product each, and attention as one masked call per layer over the
+        batch's keys / values (`BatchKV`: the caches are copied in when they join and written back by
+        `release`). Logits (B, V), in the order given."""
+        if len(tokens) == 1 and not self.batch.rows:
+            return self(tokens[0], caches[0])  # one sequence alone: its own cache, nothing to pad
+        slots = self.batch.arrange(caches)  # slot of each cache; the batch's rows are slots 0..B-1
         b, heads, kv_heads, head_dim = len(tokens), self.heads, self.kv_heads, self.head_dim
-        h = self.embed[torch.tensor(tokens)]  # (B, D)
-        positions = torch.tensor([[cache.get_seq_length() for cache in caches]])  # (1, B)
-        cos, sin = self.rotary(h[None], positions)  # (1, B, hd): each row its own position
+        by_slot = [0] * b
+        for token, slot in zip(tokens, slots):
+            by_slot[slot] = token
+        h = self.embed[torch.tensor(by_slot)]  # (B, D), row s = slot s
+        cos, sin = self.rotary(h[None], torch.tensor([self.batch.lengths]))  # (1, B, hd): each row its position
         cos, sin = cos[0, :, None, None], sin[0, :, None, None]  # (B, 1, 1, hd)
+        mask = self.batch.mask()  # (B, 1, 1, L): each row sees its own positions only
         for index, block in enumerate(self.blocks):
             x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
             qkv = block.qkv(x)  # (B, (H + 2 KV) * hd)
             qk = _rotate(qkv[:, : (heads + kv_heads) * head_dim].view(b, heads + kv_heads, 1, head_dim), cos, sin)
-            v = qkv[:, (heads + kv_heads) * head_dim :].view(b, kv_heads, 1, head_dim)
-            attended = []
-            for row, cache in enumerate(caches):  # (1, H, 1, hd) each: one query over that sequence's cache
-                keys, values = cache.update(qk[row : row + 1, heads:], v[row : row + 1], index)
-                attended.append(
-                    F.scaled_dot_product_attention(
-                        qk[row : row + 1, :heads], keys, values, scale=block.scaling, enable_gqa=kv_heads != heads
-                    )
-                )
-            h = block.finish(h, torch.cat(attended).reshape(b, heads * head_dim))
+            v = qkv[:, (heads + kv_heads) * head_dim :].view(b, kv_heads, head_dim)
+            keys, values = self.batch.write(index, qk[:, heads:, 0], v)  # (B, KV, L, hd) each
+            attended = F.scaled_dot_product_attention(
+                qk[:, :heads], keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=kv_heads != heads
+            )  # (B, H, 1, hd)
+            h = block.finish(h, attended.reshape(b, heads * head_dim))
+        self.batch.advance()
         h = F.rms_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
-        return self.head(h)  # (B, V)
+        return self.head(h)[torch.tensor(slots)]  # (B, V), back in the order given
+
+    def release(self, cache) -> None:
+        """`cache` leaves the batch: its keys / values so far are written back into it (a no-op when it is
+        not in the batch)."""
+        self.batch.release(cache)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

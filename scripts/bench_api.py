@@ -221,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         one_conversation(client, engine.model_id, images[0], 4)  # warm-up: first-call allocations are not load
         cache = engine.prefix_cache
         for n in levels:
-            steps, batched = engine.batcher.steps, engine.batcher.batched_tokens
+            steps, batched, decode_s = engine.batcher.steps, engine.batcher.batched_tokens, engine.batcher.decode_s
             run = concurrent(client, engine.model_id, images[:n], args.max_tokens, args.timeout)
             if run is None:
                 print(f"FAILED: {n} conversations did not finish within {args.timeout:.0f} s")
                 return 1
             run["mean_batch"] = (engine.batcher.batched_tokens - batched) / max(engine.batcher.steps - steps, 1)
+            # Tokens per second of decode steps alone: what batching decides (prefill and encodes excluded).
+            run["decode"] = (engine.batcher.batched_tokens - batched) / max(engine.batcher.decode_s - decode_s, 1e-9)
             engine.prefix_cache = None  # the in-process figure prefills like the HTTP one did the first time
             run["engine"] = in_process(engine, [s.copy() for s in scenes[:n]], args.max_tokens)
             engine.prefix_cache = cache
@@ -239,17 +241,20 @@ def main(argv: list[str] | None = None) -> int:
 
     single = next((r["aggregate"] for r in runs if r["n"] == 1), None)
     single_engine = next((r["engine"] for r in runs if r["n"] == 1), None)
+    single_decode = next((r["decode"] for r in runs if r["n"] == 1), None)
     print(f"\nmax_tokens={args.max_tokens}, greedy, max_concurrency={args.max_concurrency}, over HTTP (openai client)")
     print(
-        "| conversations | aggregate tok/s (HTTP) | vs 1 stream | engine in-process tok/s | vs 1 stream | mean batch "
-        "| latency p50 / p95 (s) | TTFT p50 / p95 (s) |"
+        "| conversations | aggregate tok/s (HTTP) | vs 1 stream | engine in-process tok/s | vs 1 stream "
+        "| decode steps tok/s | vs 1 stream | mean batch | latency p50 / p95 (s) | TTFT p50 / p95 (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         ratio = f"{r['aggregate'] / single:.2f}x" if single else ""
         engine_ratio = f"{r['engine'] / single_engine:.2f}x" if single_engine else ""
+        decode_ratio = f"{r['decode'] / single_decode:.2f}x" if single_decode else ""
         print(
-            f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['engine']:.1f} | {engine_ratio} | {r['mean_batch']:.1f} "
+            f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['engine']:.1f} | {engine_ratio} "
+            f"| {r['decode']:.1f} | {decode_ratio} | {r['mean_batch']:.1f} "
             f"| {percentile(r['latency'], 50):.2f} / {percentile(r['latency'], 95):.2f} "
             f"| {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 95):.2f} |"
         )

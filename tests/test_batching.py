@@ -105,3 +105,39 @@ def test_the_engine_batches_concurrent_api_requests(int4_model, images):
     _in_threads(drain, len(streams))
     assert texts == alone
     assert engine.batcher.batched_tokens > engine.batcher.steps
+
+
+@torch.inference_mode()
+def test_the_batch_kv_buffer_gives_back_what_each_cache_would_hold_alone(int4_model):
+    """Three sequences of different lengths decode together past the buffer's first capacity step, the middle
+    one leaves half way: every step's logits and every cache written back match decoding each one alone."""
+    from transformers import DynamicCache
+
+    from mllm.batch_kv import CAPACITY_STEP
+    from mllm.int4_decode import int4_decoder
+
+    decoder = int4_decoder(int4_model.llm)
+    torch.manual_seed(1)
+    prompts = [torch.randn(n, decoder.embed.shape[1]) for n in (5, 40, 17)]
+    batched, alone = [DynamicCache() for _ in prompts], [DynamicCache() for _ in prompts]
+    for prompt, one, other in zip(prompts, batched, alone):
+        decoder.forward(prompt, one)
+        decoder.forward(prompt, other)
+    steps, leaves_at = CAPACITY_STEP - 20, 30  # the longest grows past CAPACITY_STEP positions
+    for step in range(steps):
+        rows = [0, 1, 2] if step < leaves_at else [0, 2]
+        tokens = [(7 * step + 3 * r) % decoder.embed.shape[0] for r in rows]
+        together = decoder.step(tokens, [batched[r] for r in rows])  # (B, V)
+        for k, (r, token) in enumerate(zip(rows, tokens)):
+            torch.testing.assert_close(together[k : k + 1], decoder(token, alone[r]), rtol=0, atol=2e-2)
+        if step == leaves_at:  # the middle sequence was written back when it left: it goes on alone
+            assert decoder.batch.rows == [batched[0], batched[2]] or decoder.batch.rows == [batched[2], batched[0]]
+            assert batched[1].get_seq_length() == alone[1].get_seq_length()
+    for cache in batched:
+        decoder.release(cache)
+    assert decoder.batch.rows == [] and decoder.batch.keys == []  # an idle batch holds no buffers
+    for one, other in zip(batched, alone):
+        assert one.get_seq_length() == other.get_seq_length()
+        for a, b in zip(one.layers, other.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=2e-2)
+            torch.testing.assert_close(a.values, b.values, rtol=0, atol=2e-2)
