@@ -92,6 +92,10 @@ class ConnectorConfig:
     """For `qformer`: a cross-attention to the image every N layers (BLIP-2 uses 2)."""
     vision_norm_eps: float = 1e-5
     """For `qformer`: epsilon of the LayerNorm over the tower's features (BLIP-2's post-layernorm uses 1e-6)."""
+    qformer_vision_positions: bool = False
+    """For `qformer`: add a learned position embedding to each image token before the Q-Former reads them. Its
+    cross-attention is blind to order, so a tower whose features carry no position (a CNN such as
+    EfficientNet; a ViT's already do) needs it for where-questions, counting and binding a colour to its shape."""
     qformer_text_input: bool = False
     """For `qformer`: the Q-Former also reads the instruction (InstructBLIP): the text of the user turn holding
     the image, tokenized by the checkpoint's `qformer_tokenizer/`, attends together with the queries."""
@@ -102,8 +106,9 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         _check_choice("connector", "kind", self.kind, CONNECTOR_KINDS)
-        if not isinstance(self.qformer_text_input, bool):  # `in (False, True)` would let 0 / 1 through
-            raise ValueError(f"connector.qformer_text_input={self.qformer_text_input!r} must be true or false")
+        for flag in ("qformer_text_input", "qformer_vision_positions"):
+            if not isinstance(getattr(self, flag), bool):  # `in (False, True)` would let 0 / 1 through
+                raise ValueError(f"connector.{flag}={getattr(self, flag)!r} must be true or false")
         if self.qformer_text_input and self.kind != "qformer":
             raise ValueError(f"connector.qformer_text_input=True needs connector.kind='qformer', not {self.kind!r}")
         names = ("num_query_tokens", "qformer_layers", "qformer_hidden_size", "qformer_heads")

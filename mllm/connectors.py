@@ -58,6 +58,9 @@ class MLP2xGeluConnector(Connector):
         return self.proj(features)  # (B, N_v, D_llm)
 
 
+POSITION_STD = 0.5  # the image tokens' learned positions at initialisation, against unit-variance features
+
+
 class QFormerConnector(Connector):
     """BLIP-2's Q-Former; with `cfg.qformer_text_input`, InstructBLIP's, which also reads the instruction:
     its token ids are embedded (word + position), appended after the queries and attend with them (the
@@ -81,6 +84,11 @@ class QFormerConnector(Connector):
         # BLIP-2 normalises the tower's output before the Q-Former reads it; towers such as
         # EfficientNet have no final LayerNorm, so the connector owns one.
         self.vision_norm = nn.LayerNorm(vision_hidden, eps=cfg.vision_norm_eps)
+        self.vision_positions = None  # (1, N_v, D_v): where each image token sits, for a tower that does not say
+        if cfg.qformer_vision_positions:
+            # As loud as the content: the features are layer-normalised (unit variance), and a position starting
+            # at BLIP's 0.02 would take thousands of steps at stage-1 rates to be heard at all.
+            self.vision_positions = nn.Parameter(torch.randn(1, vision_tokens, vision_hidden) * POSITION_STD)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer_hidden_size))
         nn.init.normal_(self.query_tokens, std=self.qformer_config.initializer_range)
         self.qformer = Blip2QFormerModel(self.qformer_config)
@@ -100,7 +108,7 @@ class QFormerConnector(Connector):
         `text_ids` (B, T) / `text_mask` (B, T, 1 = real token): the instruction, for a `reads_text` connector only.
         """
         queries = self.query_tokens.expand(features.shape[0], -1, -1)  # (B, Q, D_q)
-        features = self.vision_norm(features)  # (B, N_v, D_v)
+        features = self.image_keys(features)  # (B, N_v, D_v)
         if not self.reads_text:
             self._no_text(text_ids)
             return self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
@@ -115,6 +123,19 @@ class QFormerConnector(Connector):
             encoder_hidden_states=features,
         )
         return out.last_hidden_state[:, : queries.shape[1]]  # (B, Q, D_q)
+
+    def image_keys(self, features: torch.Tensor) -> torch.Tensor:
+        """What the cross-attention reads: the tower's tokens normalised, plus their positions where the connector
+        learns them. (B, N_v, D_v) -> (B, N_v, D_v)."""
+        features = self.vision_norm(features)
+        if self.vision_positions is None:
+            return features
+        if features.shape[1] != self.vision_positions.shape[1]:
+            raise ValueError(
+                f"this Q-Former learned positions for {self.vision_positions.shape[1]} image tokens but got "
+                f"{features.shape[1]}; use the tower settings (image size, pooling) it was trained with"
+            )
+        return features + self.vision_positions.to(features.dtype)
 
     def _check_text(self, ids, mask, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if ids is None:

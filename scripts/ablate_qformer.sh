@@ -4,6 +4,9 @@
 #   base      16 queries (the current variant)
 #   q49       49 queries: one per cell of the 7x7 grid the MLP variant sees (position kept?)
 #   instruct+ 16 queries, instruct twice as long (simply steps?)
+#   pos       16 queries + a learned position per image token (the cross-attention is blind to order, and
+#             EfficientNet's features carry no position: where, how many, which colour belongs to which shape?)
+#   pos49     pos with 49 queries
 # Each arm is scored on the first EVAL_LIMIT held-out test questions; tables in $OUT/<arm>/eval.md.
 #   scripts/ablate_qformer.sh                 # N=2000 images, 100 + 40 + 200 steps per arm
 #   ARMS="base q49" N=4000 scripts/ablate_qformer.sh
@@ -21,14 +24,15 @@ DATA=$OUT/data
 [ -f "$DATA/train.json" ] || $MLLM data synth "$DATA" --n "$N" --seed 0
 
 for arm in $ARMS; do
-    queries=16 instruct=$INSTRUCT_STEPS
-    [ "$arm" = q49 ] && queries=49
+    queries=16 instruct=$INSTRUCT_STEPS positions=false
+    [ "$arm" = q49 ] || [ "$arm" = pos49 ] && queries=49
+    [ "$arm" = pos ] || [ "$arm" = pos49 ] && positions=true
     [ "$arm" = "instruct+" ] && instruct=$((INSTRUCT_STEPS * 2))
     run=$OUT/$arm
     mkdir -p "$run"
     cat >"$run/model_config.json" <<JSON
 {"vision": {"kind": "efficientnet_lite0", "features": "multiscale", "resize_mode": "pad", "pool": null},
- "connector": {"kind": "qformer", "num_query_tokens": $queries},
+ "connector": {"kind": "qformer", "num_query_tokens": $queries, "qformer_vision_positions": $positions},
  "llm": {"path": "smollm2-135m-instruct"}, "template": "chatml"}
 JSON
     start=$(date +%s)

@@ -10,8 +10,8 @@ caption tokens (cross-attention to the image exists only at query positions):
 - ITG: one joint pass with the mask below; the text is decoded causally while reading the queries;
   the LM head is tied to the text word embeddings.
 
-The connector keeps its stage-2 layout (`vision_norm`, `query_tokens`, `qformer`, `proj`): BLIP-2
-drops the text feed-forward blocks after stage 1, and transformers' `Blip2QFormerModel` without
+The connector keeps its stage-2 layout (`vision_norm`, `vision_positions`, `query_tokens`, `qformer`,
+`proj`): BLIP-2 drops the text feed-forward blocks after stage 1, and transformers' `Blip2QFormerModel` without
 `use_qformer_text_input` has none. Every text-only part (embeddings, per-layer text FFN, ITC
 projections, ITM head, LM head, temperature) lives here, so `connector.state_dict()` loads into a
 plain `QFormerConnector`. `connector.proj` takes no part in any loss: `trainable_parameters()`
@@ -133,7 +133,7 @@ class QFormerPretrainer(nn.Module):
         qformer = self.connector.qformer
         parts = []
         if image_features is not None:
-            image = self.connector.vision_norm(image_features)  # (B, N_v, D_v)
+            image = self.connector.image_keys(image_features)  # (B, N_v, D_v)
             parts.append(self.connector.query_tokens.expand(image.shape[0], -1, -1))  # (B, Q, D_q)
         if input_ids is not None:
             parts.append(self.embed_text(input_ids))  # (B, T, D_q)
