@@ -67,10 +67,10 @@ start=$(date +%s)
 # (no default system prompt: ~20 fewer tokens per sample, the same format at chat time). The mlp
 # variant hands the LLM the 7x7 grid (pooled to 3x3 on CPU); the Q-Former reads all 49 and hands the
 # LLM 16 queries.
-model_config() {  # connector-kind pool queries
+model_config() {  # connector-kind pool queries [more connector fields]
     cat <<EOF
 {"vision": {"kind": "efficientnet_lite0", "features": "multiscale", "resize_mode": "pad", "pool": $2},
- "connector": {"kind": "$1", "num_query_tokens": $3},
+ "connector": {"kind": "$1", "num_query_tokens": $3${4:+, $4}},
  "llm": {"path": "smollm2-135m-instruct"},
  "template": "chatml"}
 EOF
@@ -98,7 +98,9 @@ for variant in $VARIANTS; do
         init=$run/align
         budget=("${INSTRUCT_SET[@]}")
     else
-        model_config qformer null 16 >"$run/model_config.json"
+        # EfficientNet's grid carries no position and the cross-attention is blind to order: the Q-Former
+        # learns one per image token.
+        model_config qformer null 16 '"qformer_vision_positions": true' >"$run/model_config.json"
         train qformer_pretrain "$run/qformer_pretrain" --model-config "$run/model_config.json" \
             --data "$DATA/train_captions.json"
         train generative "$run/generative" --init "$run/qformer_pretrain" --data "$DATA/train_captions.json"
