@@ -30,7 +30,11 @@ class Parser(argparse.ArgumentParser):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --quantization (--load-4bit / --load-8bit), --device: the same flags on every command that loads
     a model."""
-    p.add_argument("--model", default="default", help="checkpoint directory, or 'default' (built-in demo model)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="checkpoint directory, hub id, or a built-in model: 'default' (the demo model), 'default-qformer'",
+    )
     quant = p.add_mutually_exclusive_group()
     quant.add_argument(
         "--quantization",

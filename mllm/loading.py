@@ -1,6 +1,7 @@
 """`load_model(name)`: the one entry that turns a name into a model, whatever the name points at.
 
-- `default`: the built-in demo model (`mllm/assets/demo`);
+- `default`: the built-in demo model (`mllm/assets/demo`, the `mlp2x_gelu` connector); `default-qformer`: the
+  same world through BLIP-2's Q-Former (`mllm/assets/demo-qformer`);
 - an mllm checkpoint directory (it has `mllm_config.json`): `mllm.checkpoint`;
 - a transformers LLaVA / BLIP-2 / InstructBLIP directory, recognised by its `config.json`, never by its
   name: `mllm.interop`.
@@ -25,6 +26,7 @@ from mllm.model import MLLM
 from mllm.processor import Processor
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+BUILTIN = {"default": DEMO_DIR, "default-qformer": DEMO_DIR.parent / "demo-qformer"}  # name -> its directory
 # What a CPU load gets unless told otherwise: `scripts/bench_infer.py` measured int4 at 2.4x float32's
 # decode speed with the same accuracy (99.1% on the demo's first 700 held-out questions, both).
 CPU_DEFAULT_QUANTIZATION = "int4"
@@ -37,9 +39,14 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
     name = local_path(name)  # a hub id (`org/name[@revision]`) becomes its downloaded snapshot
     if quantization is None and pick_device(device).type == "cpu":
         quantization = CPU_DEFAULT_QUANTIZATION
-    if name == "default":
-        if (DEMO_DIR / CONFIG_FILE).is_file():
-            return load_pretrained(DEMO_DIR, device=device, quantization=quantization)
+    if name in BUILTIN:
+        if (BUILTIN[name] / CONFIG_FILE).is_file():
+            return load_pretrained(BUILTIN[name], device=device, quantization=quantization)
+        if name != "default":
+            raise CheckpointError(
+                f"the built-in model {name!r} is not in this install ({BUILTIN[name]} has no {CONFIG_FILE}); "
+                "scripts/train_demo.sh trains it (SHIP=1 copies it there)"
+            )
         # No trained demo weights in this install: the default architecture with a seeded, untrained connector.
         torch.manual_seed(0)
         config = MLLMConfig() if quantization is None else with_quantization(MLLMConfig(), quantization)
@@ -59,7 +66,7 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
 def load_processor(name: str = "default") -> Processor:
     """The processor of `load_model(name)`'s model on its own (mllm checkpoints and `default`: no weights are
     read; a transformers directory's processor is the one its import makes)."""
-    directory = DEMO_DIR if name == "default" else Path(local_path(name))
+    directory = BUILTIN[name] if name in BUILTIN else Path(local_path(name))
     if (directory / CONFIG_FILE).is_file():
         return Processor.from_pretrained(directory)
     return load_model(name, device="cpu", quantization="none").processor

@@ -257,3 +257,17 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_model, images):
     pieces = list(stream_ids(tiny_model, enc.input_ids, DynamicCache(), [], gen, features, prefill_chunk=5))
     assert pieces.count(None) == (len(enc.input_ids) - 1) // 5  # control goes back between two chunks
     assert [t for t in pieces if t is not None] == whole
+
+
+def test_built_in_models_load_by_name_and_a_missing_one_says_how_to_make_it(tiny_model, tmp_path, monkeypatch):
+    import mllm.loading as loading
+    from mllm.errors import CheckpointError
+
+    save_pretrained(tiny_model, tmp_path / "shipped")
+    monkeypatch.setitem(loading.BUILTIN, "default-qformer", tmp_path / "shipped")
+    model = loading.load_model("default-qformer", device="cpu", quantization="none")
+    assert model.config == tiny_model.config
+    assert loading.load_processor("default-qformer").max_length == tiny_model.processor.max_length
+    monkeypatch.setitem(loading.BUILTIN, "default-qformer", tmp_path / "absent")
+    with pytest.raises(CheckpointError, match=r"'default-qformer' is not in this install.*train_demo.sh"):
+        loading.load_model("default-qformer", device="cpu")
