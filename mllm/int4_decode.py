@@ -5,7 +5,8 @@ transformers' layer code (module calls, hooks, mask and cache bookkeeping) costs
 products. `Int4Decoder` runs the same arithmetic on the same tensors (the fused q/k/v and gate/up
 matrices, the LoRA side paths, transformers' own rotary embedding, the same `DynamicCache`) with nothing
 else around it: 74 tokens/s on the default model where the transformers forward of the same modules
-gives 47, token for token the same greedy output. The prompt (prefill) still goes through transformers.
+gives 47, token for token the same greedy output. Prompts (prefill, `forward`) go through it too, and a batch of
+sequences decodes in one `step` (its keys / values side by side in `mllm.batch_kv.BatchKV`).
 
 It takes a model only when every block is one it computes exactly (LLaMA's: RMSNorm, rotary, SiLU gate,
 no sliding window, no q/k norm); `for_model` returns None otherwise and decoding stays on transformers.
