@@ -4,7 +4,8 @@
 #   2. mlp2x_gelu variant: stage `align` (connector only, captions) -> stage `instruct` (connector + LoRA),
 #   3. qformer variant: `qformer_pretrain` (BLIP-2 stage 1) -> `generative` (stage 2) -> `instruct`,
 #   4. score both (and the untrained default as the floor) with `mllm eval` on the held-out test split,
-#   5. with SHIP=1, copy the mlp2x_gelu checkpoint into mllm/assets/demo (what `mllm chat` loads by default).
+#   5. with SHIP=1, copy the mlp2x_gelu checkpoint into mllm/assets/demo (what `mllm chat` loads by default)
+#      and the qformer one into mllm/assets/demo-qformer (`--model default-qformer`).
 # Real EfficientNet-Lite0 tower (multi-scale features) and real SmolLM2-135M-Instruct throughout.
 #
 # Two profiles of the same recipe (PROFILE, default: gpu when CUDA is visible, else cpu):
@@ -128,16 +129,21 @@ if [ "$EVAL_LIMIT" -gt 0 ]; then
 fi
 
 echo "train_demo: done in $(( $(date +%s) - start )) s; tables in $OUT/eval/*.md"
-if [ "${SHIP:-0}" = 1 ]; then
-    rm -rf mllm/assets/demo
+ship() {  # trained-run built-in-directory: copy a variant's final checkpoint into mllm/assets, in float16
+    rm -rf "$2"
     mkdir -p mllm/assets
-    cp -r "$OUT/mlp/instruct" mllm/assets/demo
-    rm -rf mllm/assets/demo/checkpoint-* mllm/assets/demo/metrics.jsonl mllm/assets/demo/*.png \
-        mllm/assets/demo/adapter/README.md
+    cp -r "$1" "$2"
+    rm -rf "$2"/checkpoint-* "$2"/metrics.jsonl "$2"/*.png "$2"/adapter/README.md
     # Shipped in float16 (half the bytes; loading casts back to the model's float32).
     "$PYTHON" -c "import sys, pathlib; from safetensors.torch import load_file, save_file
 for p in pathlib.Path(sys.argv[1]).rglob('*.safetensors'):
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(p).items()}, p, {'format': 'pt'})" \
-        mllm/assets/demo
-    echo "train_demo: shipped $OUT/mlp/instruct as mllm/assets/demo"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(p).items()}, p, {'format': 'pt'})" "$2"
+    echo "train_demo: shipped $1 as $2"
+}
+if [ "${SHIP:-0}" = 1 ]; then
+    # `--model default` and `--model default-qformer` (mllm.loading.BUILTIN).
+    for variant in $VARIANTS; do
+        if [ "$variant" = mlp ]; then ship "$OUT/mlp/instruct" mllm/assets/demo; fi
+        if [ "$variant" = qformer ]; then ship "$OUT/qformer/instruct" mllm/assets/demo-qformer; fi
+    done
 fi
