@@ -64,20 +64,21 @@ class BatchKV:
         if not self.rows:  # an idle server holds no batch buffers
             self.keys, self.values = [], []
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new position per row (rows `0..B-1`, `keys` / `values` (B, KV, hd)) at each row's length;
-        the rows' keys / values so far, (B, KV, L, hd) views with L = the longest row's new length."""
-        b = keys.shape[0]
-        rows, positions = torch.arange(b), torch.tensor(self.lengths)
-        self.keys[layer][rows, :, positions] = keys
-        self.values[layer][rows, :, positions] = values
-        span = max(self.lengths) + 1
-        return self.keys[layer][:b, :, :span], self.values[layer][:b, :, :span]
+    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's positions, where each row's new key goes (B,), and what each row attends to once it is
+        written (B, 1, 1, L), L = the longest row's new length; computed once, every layer's `write` uses them."""
+        self._positions = torch.tensor(self.lengths)
+        self._rows = torch.arange(len(self.lengths))
+        self._span = max(self.lengths) + 1
+        return self._positions, (torch.arange(self._span)[None] <= self._positions[:, None])[:, None, None]
 
-    def mask(self) -> torch.Tensor:
-        """Which buffer positions each row attends to once this step's position is written: (B, 1, 1, L)."""
-        lengths = torch.tensor(self.lengths) + 1
-        return (torch.arange(int(lengths.max()))[None] < lengths[:, None])[:, None, None]
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new position per row (rows `0..B-1`, `keys` / `values` (B, KV, hd)) at the positions
+        `begin_step` gave; the rows' keys / values so far, (B, KV, L, hd) views."""
+        self.keys[layer][self._rows, :, self._positions] = keys
+        self.values[layer][self._rows, :, self._positions] = values
+        b = keys.shape[0]
+        return self.keys[layer][:b, :, : self._span], self.values[layer][:b, :, : self._span]
 
     def advance(self) -> None:
         """Every row got one position (after the step's last layer)."""

@@ -147,9 +147,9 @@ class Int4Decoder:
         for token, slot in zip(tokens, slots):
             by_slot[slot] = token
         h = self.embed[torch.tensor(by_slot)]  # (B, D), row s = slot s
-        cos, sin = self.rotary(h[None], torch.tensor([self.batch.lengths]))  # (1, B, hd): each row its position
+        positions, mask = self.batch.begin_step()  # (B,), (B, 1, 1, L): each row sees its own positions only
+        cos, sin = self.rotary(h[None], positions[None])  # (1, B, hd): each row its position
         cos, sin = cos[0, :, None, None], sin[0, :, None, None]  # (B, 1, 1, hd)
-        mask = self.batch.mask()  # (B, 1, 1, L): each row sees its own positions only
         for index, block in enumerate(self.blocks):
             x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
             qkv = block.qkv(x)  # (B, (H + 2 KV) * hd)
