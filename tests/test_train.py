@@ -21,6 +21,7 @@ from training.batches import Collator, Samples, StepBatches
 from training.data import ConversationDataset, DataError, read_rows
 from training.feature_cache import FeatureCache
 from training.loop import TrainStep, train
+from training.precision import cpu_has_fast_bf16, use_bf16
 from training.stage_config import load_stage
 from training.stage_model import model_for_stage
 from training.synth import write_dataset
@@ -233,9 +234,32 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(run):
 
 
 def test_gradient_accumulation_matches_one_big_batch(run):
-    # 2 x accumulation 2, then 4 x 1: the same global batch of 4, rows with different token counts.
-    states = [trainable_state(run(f"pd{n}", max_steps=1, per_device_batch_size=n, **INSTRUCT_FULL)[1]) for n in (2, 4)]
+    # 2 x accumulation 2, then 4 x 1: the same global batch of 4, rows with different token counts. In fp32:
+    # bf16 products of 2 rows and of 4 round differently, which is not what this test is about.
+    states = [
+        trainable_state(run(f"pd{n}", max_steps=1, per_device_batch_size=n, precision="fp32", **INSTRUCT_FULL)[1])
+        for n in (2, 4)
+    ]
     assert max_diff(*states) <= 1e-5
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 training on CPU needs AMX")
+def test_bf16_on_a_cpu_trains_with_fp32_attention_and_serves_plain_sdpa(run):
+    result, model = run("bf16", max_steps=20, precision="bf16", **INSTRUCT_LORA)
+    assert overfits(result.losses), result.losses
+    base = model.llm.get_base_model()
+    assert base.config._attn_implementation == "sdpa"  # the training-only kernel is not left behind
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # Adam's updates are not rounded
+
+
+def test_bf16_is_refused_where_it_would_be_slow(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not use_bf16("auto", cpu=True)
+    with pytest.raises(ValueError, match="without AMX.*precision=auto or fp32"):
+        use_bf16("bf16", cpu=True)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        use_bf16("fp16", cpu=True)
 
 
 def test_gradient_checkpointing_changes_memory_not_results(run):
@@ -384,6 +408,8 @@ def test_ddp_two_processes_match_one(run, train_config, shapes, tmp_path):
         str(tmp_path / "cache"),
         "--set",
         "per_device_batch_size=2",
+        "--set",
+        "precision=fp32",  # bf16 products of 2 rows and of 4 round differently
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
@@ -391,7 +417,7 @@ def test_ddp_two_processes_match_one(run, train_config, shapes, tmp_path):
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp_losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    single, model = run("single", max_steps=3, epochs=5)
+    single, model = run("single", max_steps=3, epochs=5, precision="fp32")
     assert ddp_losses == pytest.approx(single.losses, abs=1e-4)
     ddp_model = load_pretrained(out, device="cpu")
     assert max_diff(ddp_model.connector.state_dict(), model.connector.state_dict()) <= 1e-5

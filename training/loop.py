@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,6 +27,7 @@ from mllm.processor import Processor
 from training.batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
 from training.data import ConversationDataset, DataError, Row
 from training.feature_cache import FeatureCache
+from training.precision import prepare_cpu_bf16, restore_attention, use_bf16
 from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from training.run_output import Metrics, plot_losses, save_final_model
 from training.stage_config import StageConfig
@@ -51,10 +53,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def make_accelerator(stage: StageConfig) -> Accelerator:
-    """bf16 autocast on GPUs that have it; fp32 on CPU, where bf16 matmul is unusably slow."""
+    """bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX: training.precision), else fp32."""
     cpu = not torch.cuda.is_available()  # also makes torchrun on a CPU host a gloo DDP run
     world = PartialState(cpu=cpu).num_processes
-    bf16 = not cpu and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(stage.precision, cpu)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, "bf16" if bf16 else "no"):
+        # accelerate fixes the precision once per process; a later run in the same process (a notebook,
+        # a sweep, the tests) with another precision starts a fresh state rather than failing.
+        AcceleratorState._reset_state()
     return Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=stage.gradient_accumulation(world),
@@ -189,6 +196,11 @@ def train(
     check_rows(val_rows or [], model.processor, stage, accelerator, "validation")
     cache_root = output.parent / ".feature_cache" if feature_cache == "auto" else feature_cache
     cache = open_feature_cache(model, stage, cache_root, train_rows + (val_rows or []), accelerator, show_progress)
+    # bf16 on a CPU: frozen LLM weights in bf16 and fp32 attention (training.precision). Not when the
+    # checkpoint carries the LLM's own weights (an earlier full tune): those must not be rounded.
+    cpu_bf16 = accelerator.mixed_precision == "bf16" and device.type == "cpu" and model.config.tune["llm"] != "full"
+    if cpu_bf16:
+        prepare_cpu_bf16(model.llm)
     objective = build_objective(stage, model)
     step_module = TrainStep(model, objective)
     optimizer = torch.optim.AdamW(param_groups(model, stage, objective))
@@ -271,6 +283,8 @@ def train(
             }
             save_checkpoint(output, model, stage, state, accelerator)
     bar.close()
+    if cpu_bf16:
+        restore_attention(model.llm)
     if main:
         save_final_model(model, output)
         plot_losses(output / "metrics.jsonl", output / "loss.png")

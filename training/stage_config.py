@@ -88,6 +88,8 @@ class StageConfig:
     """Optimizer steps between lines in metrics.jsonl."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in backward: less memory, ~30% more time."""
+    precision: str = "auto"
+    """auto: bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX), else fp32; or bf16 | fp32."""
     seed: int = 0
     """Seeds the model init, LoRA init and the data order."""
     num_workers: int = 0
