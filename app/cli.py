@@ -238,6 +238,12 @@ def cmd_api(argv: list[str]) -> int:
         default=256,
         help="KV memory kept for prompts that later requests extend (a re-sent history prefills only its new turn); 0: off",
     )
+    p.add_argument(
+        "--exact-batching",
+        action="store_true",
+        help="int4: batches of 8+ replies stay on the int4 kernel, each reply bit for bit what it would be alone "
+        "(default: bf16 products there, 1.7x faster steps, replies may differ where two tokens nearly tie)",
+    )
     args = p.parse_args(argv)
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
@@ -246,7 +252,11 @@ def cmd_api(argv: list[str]) -> int:
             "mllm api: need --max-concurrency >= 1, --max-queue >= 0, --max-body-mb > 0 and --prefix-cache-mib >= 0"
         )
     engine = load_engine(
-        args, max_concurrency=args.max_concurrency, max_queue=args.max_queue, prefix_cache_mib=args.prefix_cache_mib
+        args,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        prefix_cache_mib=args.prefix_cache_mib,
+        exact_batching=args.exact_batching,
     )
     app = create_app(
         engine,

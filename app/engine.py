@@ -53,9 +53,11 @@ class ChatEngine:
         gen: GenerationConfig | None = None,
         prefix_cache_mib: float = 256,
         batcher: Batcher | None = None,
+        exact_batching: bool = False,
     ):
         """`prefix_cache_mib`: the KV pool for the stateless API's shared prefixes (`app.prefix_cache`); 0 turns
-        prefix caching off (image features are still cached by content)."""
+        prefix caching off (image features are still cached by content). `exact_batching`: every reply bit
+        for bit the reply decoded alone, at the cost of slower wide batches (`mllm.batching.Batcher`)."""
         self.model, self.name, self.gen = model, name, gen or GenerationConfig()
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20)) if prefix_cache_mib > 0 else None
         self.feature_cache = FeatureCache()
@@ -65,7 +67,7 @@ class ChatEngine:
         self._admission = Admission(max_concurrency, max_queue)
         # The model thread: every model call runs there, the admitted replies decode there as one batch.
         self.batcher = batcher or Batcher(model, FairLock(), max_batch=max_concurrency)
-        self.batcher.max_batch = max_concurrency
+        self.batcher.max_batch, self.batcher.exact = max_concurrency, exact_batching
         self._model_lock = self.batcher.lock
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
         self._idle = threading.Condition(self._lock)

@@ -44,8 +44,10 @@ class _Running:
 class Batcher:
     """Decodes every registered reply of `model` together; `lock` is the model lock every model call takes."""
 
-    def __init__(self, model, lock: AbstractContextManager, max_batch: int = 64):
-        self.model, self.lock, self.max_batch = model, lock, max_batch
+    def __init__(self, model, lock: AbstractContextManager, max_batch: int = 64, exact: bool = False):
+        """`exact`: wide batches stay on the int4 kernel, every reply bit for bit the reply decoded alone
+        (`mllm.generation.feed`); the default takes the faster bf16 products there."""
+        self.model, self.lock, self.max_batch, self.exact = model, lock, max_batch, exact
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Callable, Future]] = deque()
         self._joining: list[_Running] = []
@@ -174,7 +176,7 @@ class Batcher:
                 self._leave(running, _DONE)
         if going:
             try:
-                feed(self.model, [r.sequence for r in going], tokens)
+                feed(self.model, [r.sequence for r in going], tokens, exact=self.exact)
                 self.steps += 1
                 self.batched_tokens += len(going)
             except Exception as e:  # noqa: BLE001 - tell every reader, do not kill the batcher

@@ -123,12 +123,14 @@ class Sequence:
 
 
 @torch.inference_mode()
-def feed(model, sequences: list[Sequence], tokens: list[int]) -> None:
+def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = False) -> None:
     """Append one token to each sequence's cache and set its next logits: one forward for all of them where
-    the int4 forward applies (each sequence keeps its own cache), one forward each otherwise."""
+    the int4 forward applies (each sequence keeps its own cache), one forward each otherwise. `exact`: wide
+    batches stay on the int4 kernel, so every reply is bit for bit the reply decoded alone
+    (`Int4Decoder.step`)."""
     decoder = int4_decoder(model.llm)
     if decoder is not None:
-        logits = decoder.step(tokens, [s.cache for s in sequences])  # (B, V)
+        logits = decoder.step(tokens, [s.cache for s in sequences], wide=not exact)  # (B, V)
         for i, sequence in enumerate(sequences):
             sequence.logits = logits[i : i + 1]
         return

@@ -23,6 +23,15 @@ from mllm.cpu_quant import Int4Linear, Int4Siblings
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+# The int4 kernel's cost grows with rows past a few (it unpacks per row block), a bf16 product's barely
+# (AMX / AVX512-BF16). Measured on the default model, 2 cores, ms for 1 / 8 / 63 rows: gate/up int4
+# 0.08 / 0.29 / 2.17 against bf16 0.33 / 0.21 / 0.72; q/k/v 0.04 / 0.10 / 0.67 against 0.11 / 0.09 / 0.20.
+# So prompt chunks of at least DENSE_ROWS rows go through a bf16 copy of the blocks' weights (dequantized
+# once from the int4 codes: the same weights, rounded to bf16), decode steps stay int4.
+DENSE_ROWS = 8
+# The bf16 copy costs 2 bytes per weight beside the 0.5 of int4: kept only while it stays under this
+# (the default model's is 204 MiB; a 7B model's would be 13 GiB and keeps int4 prefill).
+DENSE_BUDGET_MIB = 1024
 
 
 class Projection:
@@ -38,8 +47,28 @@ class Projection:
             self.sizes = [end - start for start, end in layer.columns]
         else:
             self.sizes = [layer.out_features]
+        self.in_features = base.in_features
+        self.dense: torch.Tensor | None = None  # (out, in) bf16 copy for wide inputs (`densify`)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def densify(self) -> int:
+        """Keep a bf16 copy of the weights: the int4 kernel applied to the identity gives W^T exactly as the
+        kernel dequantizes it. The LoRA side path is merged into the copy (in float32, then rounded once):
+        a wide product is then one call instead of three, two of them in float32. Returns its bytes."""
+        eye = torch.eye(self.in_features, dtype=self.scale_and_zero.dtype)
+        weight_t = int4_mm(eye, self.packed, self.group_size, self.scale_and_zero)  # (in, out)
+        if self.down is not None:
+            weight_t = weight_t.float() + self.down @ self.up  # (in, r) @ (r, out)
+        self.dense = weight_t.t().to(self.scale_and_zero.dtype).contiguous()  # (out, in)
+        return self.dense.numel() * self.dense.element_size()
+
+    def dense_bytes(self) -> int:
+        return self.in_features * sum(self.sizes) * self.scale_and_zero.element_size()
+
+    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
+        """`wide`: the caller allows the bf16 copy (prompt chunks; never decode steps, so a reply decodes the
+        same whatever else is in its batch); it is used when there is one and x has DENSE_ROWS rows or more."""
+        if wide and self.dense is not None and x.shape[0] >= DENSE_ROWS:
+            return F.linear(x, self.dense, self.bias)  # (N, out), the adapter merged in
         y = int4_mm(x, self.packed, self.group_size, self.scale_and_zero)  # (N, out)
         if self.bias is not None:
             y += self.bias
@@ -58,20 +87,23 @@ class Block:
         self.gate_up, self.down = Projection(mlp.fused_gate_up), Projection(mlp.down_proj)
         self.scaling = attention.scaling
 
-    def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def projections(self) -> list[Projection]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+    def finish(self, h: torch.Tensor, attended: torch.Tensor, wide: bool = False) -> torch.Tensor:
         """The block after attention: output projection and residual, then the SiLU-gated MLP and residual.
-        h (N, D), attended (N, H * hd) -> (N, D)."""
-        h = h + self.o(attended)
+        h (N, D), attended (N, H * hd) -> (N, D). `wide`: see `Projection.__call__`."""
+        h = h + self.o(attended, wide)
         x = F.rms_norm(h, self.norm2.normalized_shape, self.norm2.weight, self.norm2.eps)
-        gate, up = self.gate_up(x).split(self.gate_up.sizes, -1)
-        return h + self.down(F.silu(gate) * up)
+        gate, up = self.gate_up(x, wide).split(self.gate_up.sizes, -1)
+        return h + self.down(F.silu(gate) * up, wide)
 
 
 class Int4Decoder:
     """`decoder(token, cache) -> logits (1, V)`: appends one token to a batch-1 `DynamicCache` the prompt was
     prefilled into, as transformers' forward would."""
 
-    def __init__(self, llm: nn.Module):
+    def __init__(self, llm: nn.Module, dense_budget_mib: float = DENSE_BUDGET_MIB):
         config = llm.config
         self.embed = llm.model.embed_tokens.weight  # (V, D)
         self.rotary = llm.model.rotary_emb
@@ -81,6 +113,11 @@ class Int4Decoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = llm.model.layers[0].self_attn.head_dim
         self.batch = BatchKV(len(self.blocks), self.kv_heads, self.head_dim, self.embed.dtype)
+        projections = [p for block in self.blocks for p in block.projections()]
+        if sum(p.dense_bytes() for p in projections) <= dense_budget_mib * 2**20:
+            self.dense_bytes = sum(p.densify() for p in projections)
+        else:
+            self.dense_bytes = 0  # prompts stay on the int4 kernel
 
     @classmethod
     def for_model(cls, llm: nn.Module) -> Int4Decoder | None:
@@ -122,7 +159,7 @@ class Int4Decoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         for index, block in enumerate(self.blocks):
             x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
-            qkv = block.qkv(x)  # (N, (H + 2 KV) * hd): q, k and v side by side
+            qkv = block.qkv(x, wide=True)  # (N, (H + 2 KV) * hd): q, k and v side by side
             qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim).transpose(0, 1)[None]
             qk = _rotate(qk, cos, sin)  # one rotation for q and k: (1, H + KV, N, hd)
             v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim).transpose(0, 1)[None]
@@ -130,15 +167,21 @@ class Int4Decoder:
             attended = F.scaled_dot_product_attention(
                 qk[:, :heads], keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=kv_heads != heads
             )  # (1, H, N, hd)
-            h = block.finish(h, attended[0].transpose(0, 1).reshape(n, heads * head_dim))
+            h = block.finish(h, attended[0].transpose(0, 1).reshape(n, heads * head_dim), wide=True)
         h = F.rms_norm(h[-1:], self.norm.normalized_shape, self.norm.weight, self.norm.eps)
         return self.head(h)  # (1, V)
 
-    def step(self, tokens: list[int], caches: list) -> torch.Tensor:
+    def step(self, tokens: list[int], caches: list, wide: bool = True) -> torch.Tensor:
         """One decode step for B sequences at once, each with its own cache (their lengths may differ): the
         projections run as one (B, in) product each, and attention as one masked call per layer over the
         batch's keys / values (`BatchKV`: the caches are copied in when they join and written back by
-        `release`). Logits (B, V), in the order given."""
+        `release`). Logits (B, V), in the order given.
+
+        `wide`: batches of DENSE_ROWS or more go through the bf16 copy of the weights (a 16-row step: 62 ms
+        against 107 on the int4 kernel). Its products round differently from the int4 kernel's, so a reply
+        decoded in such a batch can differ from the same reply decoded alone where two tokens are within
+        bf16 rounding of each other. `wide=False` keeps every step on the int4 kernel: exactly the reply
+        decoded alone, whatever else runs."""
         if len(tokens) == 1 and not self.batch.rows:
             return self(tokens[0], caches[0])  # one sequence alone: its own cache, nothing to pad
         slots = self.batch.arrange(caches)  # slot of each cache; the batch's rows are slots 0..B-1
@@ -152,14 +195,14 @@ class Int4Decoder:
         cos, sin = cos[0, :, None, None], sin[0, :, None, None]  # (B, 1, 1, hd)
         for index, block in enumerate(self.blocks):
             x = F.rms_norm(h, block.norm1.normalized_shape, block.norm1.weight, block.norm1.eps)
-            qkv = block.qkv(x)  # (B, (H + 2 KV) * hd)
+            qkv = block.qkv(x, wide)  # (B, (H + 2 KV) * hd)
             qk = _rotate(qkv[:, : (heads + kv_heads) * head_dim].view(b, heads + kv_heads, 1, head_dim), cos, sin)
             v = qkv[:, (heads + kv_heads) * head_dim :].view(b, kv_heads, head_dim)
             keys, values = self.batch.write(index, qk[:, heads:, 0], v)  # (B, KV, L, hd) each
             attended = F.scaled_dot_product_attention(
                 qk[:, :heads], keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=kv_heads != heads
             )  # (B, H, 1, hd)
-            h = block.finish(h, attended.reshape(b, heads * head_dim))
+            h = block.finish(h, attended.reshape(b, heads * head_dim), wide)
         self.batch.advance()
         h = F.rms_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
         return self.head(h)[torch.tensor(slots)]  # (B, V), back in the order given

@@ -73,6 +73,29 @@ def test_replies_decoded_together_are_the_replies_decoded_alone(int4_model, imag
     assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bf16-wide"])
+def test_a_wide_batch_decodes_each_reply_as_alone(int4_model, images, exact):
+    from mllm.int4_decode import DENSE_ROWS, int4_decoder
+
+    # More replies than DENSE_ROWS: the steps take the bf16 products unless `exact`. Exact is equal by
+    # construction; the bf16 steps are equal here because no greedy choice of this model is a near-tie.
+    assert int4_decoder(int4_model.llm).dense_bytes > 0
+    prompts = [f"{p} {k}" for k in range(3) for p in PROMPTS][: DENSE_ROWS + 2]
+    gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    encoded = [_encoded(int4_model, p, images[k % 2]) for k, p in enumerate(prompts)]
+    alone = [_reply(int4_model, e, gen) for e in encoded]
+    batcher = Batcher(int4_model, threading.Lock(), exact=exact)
+    together = [None] * len(encoded)
+
+    def run(k):
+        together[k] = _reply(int4_model, encoded[k], gen, batcher)
+
+    _in_threads(run, len(encoded))
+    batcher.close()
+    assert batcher.batched_tokens / batcher.steps > DENSE_ROWS / 2  # they really decoded together
+    assert together == alone
+
+
 def test_a_cancelled_reply_leaves_the_batch_and_the_others_finish_unchanged(int4_model, images):
     encoded = [_encoded(int4_model, p, images[0]) for p in PROMPTS[:3]]
     gens = [GenerationConfig(max_new_tokens=40, ignore_eos=True)] * 3

@@ -209,3 +209,29 @@ def test_the_int4_forward_is_transformers_forward_without_the_overhead(lora_chec
             assert token_ours == token_theirs
         assert ours.get_seq_length() == theirs.get_seq_length() == embeds.shape[1] + 12
         torch.testing.assert_close(ours.layers[1].keys, theirs.layers[1].keys, atol=0.02, rtol=0.02)
+
+
+def test_wide_prompt_chunks_use_the_bf16_copy_of_the_int4_weights_and_decode_steps_do_not(lora_checkpoint, images):
+    from transformers import DynamicCache
+
+    from mllm.int4_decode import DENSE_ROWS, Int4Decoder, int4_mm
+
+    model = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
+    dense, plain = Int4Decoder(model.llm), Int4Decoder(model.llm, dense_budget_mib=0)
+    assert dense.dense_bytes > 0 and plain.dense_bytes == 0 and plain.blocks[0].qkv.dense is None
+    projection = dense.blocks[0].gate_up
+    x = torch.randn(DENSE_ROWS, projection.in_features).bfloat16()
+    want = int4_mm(x, projection.packed, projection.group_size, projection.scale_and_zero).float()
+    # The same weights (dequantized by the kernel itself), only the product's rounding differs.
+    torch.testing.assert_close(projection(x, wide=True).float(), want, atol=0.02, rtol=0.02)
+    assert torch.equal(projection(x).float(), want)  # not wide (a decode step): the int4 kernel exactly
+    assert torch.equal(projection(x[: DENSE_ROWS - 1], wide=True).float(), want[: DENSE_ROWS - 1])  # too few rows
+    encoded = model.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True)
+    with torch.inference_mode():
+        embeds = model.embed(encoded.input_ids[None], image_features=image_features(model, encoded))[0]
+        assert embeds.shape[0] >= DENSE_ROWS
+        caches = DynamicCache(), DynamicCache()
+        got, want = (decoder.forward(embeds, cache) for decoder, cache in zip((dense, plain), caches))
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+        assert int(got.argmax()) == int(want.argmax())
+        torch.testing.assert_close(caches[0].layers[1].keys, caches[1].layers[1].keys, atol=0.02, rtol=0.02)
