@@ -277,6 +277,7 @@ def measure(args: argparse.Namespace) -> Figures:
                 "epochs": math.ceil(total / (len(rows) // args.batch_size)),
                 "max_steps": total,
                 "log_every": args.warmup,  # one record closes the warm-up; the next ones time the rest
+                "precision": "fp32",  # like the baseline's Trainer: the same arithmetic on both sides
             },
         )
         model = model_for_stage(stage, config=config, device="cpu")
