@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=5, help="multi-turn scenario: turns per client (0: skip)")
     p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for each level, seconds")
     p.add_argument(
-        "--repeat", type=int, default=3, help="runs per level; the table gives each figure's median (a 2-core host is noisy)"
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per level; the table gives each figure's median (a 2-core host is noisy)",
     )
     p.add_argument(
         "--long-prompt", type=int, default=0, help="also: a stream's token gaps while a prompt this long prefills"
