@@ -50,7 +50,8 @@ echo "train_demo: profile $PROFILE ($N images) into $OUT"
 SEED=${SEED:-0}
 STEPS=${STEPS:-}        # optional cap on optimizer steps per stage (smoke tests)
 VARIANTS=${VARIANTS:-"mlp qformer"}
-# The Q-Former variant is reported beside the shipped one, on a shorter stage-2 budget.
+# The Q-Former variant is reported beside the shipped one, on a shorter stage-2 budget; QFORMER_MORE_STEPS
+# adds a second instruct schedule after it (0: none).
 QFORMER_INSTRUCT_STEPS=${QFORMER_INSTRUCT_STEPS:-150}
 # Questions scored per model: the test split in order (the first images' questions, every type); greedy
 # decoding of long `describe` answers is what takes the time on CPU. 0: train only.
@@ -109,8 +110,17 @@ for variant in $VARIANTS; do
         budget=(--set "total_steps=$QFORMER_INSTRUCT_STEPS")
     fi
     train instruct "$run/instruct" --init "$init" --data "$DATA/train.json" --val-data "$DATA/val.json" "${budget[@]}"
+    final=$run/instruct
+    if [ "$variant" = qformer ] && [ "${QFORMER_MORE_STEPS:-0}" -gt 0 ]; then
+        # A second instruct schedule from the first one's end (warm restart of the cosine): how a CPU run
+        # adds steps to a finished variant without redoing it.
+        train instruct "$run/instruct-more" --init "$run/instruct" --data "$DATA/train.json" \
+            --val-data "$DATA/val.json" --set "total_steps=$QFORMER_MORE_STEPS"
+        final=$run/instruct-more
+    fi
+    echo "$final" >"$run/final"
     if [ "$EVAL_LIMIT" -gt 0 ]; then
-        $MLLM eval --model "$run/instruct" --data "$DATA/test_qa.json" --image-folder "$IMAGES" \
+        $MLLM eval --model "$final" --data "$DATA/test_qa.json" --image-folder "$IMAGES" \
             --output "$OUT/eval/$variant" --limit "$EVAL_LIMIT" --device "$DEVICE"
     fi
 done
@@ -144,6 +154,6 @@ if [ "${SHIP:-0}" = 1 ]; then
     # `--model default` and `--model default-qformer` (mllm.loading.BUILTIN).
     for variant in $VARIANTS; do
         if [ "$variant" = mlp ]; then ship "$OUT/mlp/instruct" mllm/assets/demo; fi
-        if [ "$variant" = qformer ]; then ship "$OUT/qformer/instruct" mllm/assets/demo-qformer; fi
+        if [ "$variant" = qformer ]; then ship "$(cat "$OUT/qformer/final")" mllm/assets/demo-qformer; fi
     done
 fi

@@ -50,3 +50,29 @@ def test_train_demo_refuses_an_unknown_profile(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "scripts" / "train_demo.sh")], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "PROFILE must be gpu or cpu, got 'tpu'" in result.stderr
+
+
+def test_train_demo_qformer_smoke_run_with_more_steps(tmp_path):
+    # BLIP-2's three stages, then a second instruct schedule from the first one's end (QFORMER_MORE_STEPS).
+    env = dict(
+        os.environ,
+        PROFILE="cpu",
+        N="60",  # qformer_pretrain's global batch is 32
+        STEPS="1",
+        VARIANTS="qformer",
+        QFORMER_MORE_STEPS="2",
+        EVAL_LIMIT_SMOKE="0",
+        OUT=str(tmp_path / "demo"),
+        MLLM=f"{sys.executable} -m app.cli",
+        PYTHON=sys.executable,
+    )
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "train_demo.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "demo" / "qformer"
+    for stage in ("qformer_pretrain", "generative", "instruct", "instruct-more"):
+        config = json.loads((run / stage / "mllm_config.json").read_text())
+        assert config["connector"]["kind"] == "qformer" and config["connector"]["qformer_vision_positions"]
+    assert (run / "final").read_text().strip() == str(run / "instruct-more")
+    assert (run / "instruct-more" / "adapter" / "adapter_model.safetensors").is_file()
