@@ -30,7 +30,7 @@ int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 # once from the int4 codes: the same weights, rounded to bf16), decode steps stay int4.
 DENSE_ROWS = 8
 # The bf16 copy costs 2 bytes per weight beside the 0.5 of int4: kept only while it stays under this
-# (the default model's is 204 MiB; a 7B model's would be 13 GiB and keeps int4 prefill).
+# (the default model's is 203 MiB; a 7B model's would be 13 GiB and keeps int4 prefill).
 DENSE_BUDGET_MIB = 1024
 
 
