@@ -243,7 +243,7 @@ def test_gradient_accumulation_matches_one_big_batch(run):
     assert max_diff(*states) <= 1e-5
 
 
-@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 training on CPU needs AMX")
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 training on CPU needs AMX or AVX512-BF16")
 def test_bf16_on_a_cpu_trains_with_fp32_attention_and_serves_plain_sdpa(run):
     result, model = run("bf16", max_steps=20, precision="bf16", **INSTRUCT_LORA)
     assert overfits(result.losses), result.losses
@@ -255,8 +255,9 @@ def test_bf16_on_a_cpu_trains_with_fp32_attention_and_serves_plain_sdpa(run):
 
 def test_bf16_is_refused_where_it_would_be_slow(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert not use_bf16("auto", cpu=True)
-    with pytest.raises(ValueError, match="without AMX.*precision=auto or fp32"):
+    with pytest.raises(ValueError, match="without AMX or AVX512-BF16.*precision=auto or fp32"):
         use_bf16("bf16", cpu=True)
     with pytest.raises(ValueError, match="precision='fp16'"):
         use_bf16("fp16", cpu=True)
