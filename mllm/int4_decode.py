@@ -176,7 +176,7 @@ class Int4Decoder:
 
     def step(self, tokens: list[int], caches: list, wide: bool = True) -> torch.Tensor:
         """One decode step for B sequences at once, each with its own cache (their lengths may differ): the
-        projections run as one (B, in) product each, and attention as one masked call per layer over the
+        projections run as one (B, in) product each, and attention as one masked `decode_attention` per layer over the
         batch's keys / values (`BatchKV`: the caches are copied in when they join and written back by
         `release`). Logits (B, V), in the order given.
 
