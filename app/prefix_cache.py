@@ -163,8 +163,9 @@ def _private_copy(cache: DynamicCache, length: int) -> DynamicCache:
     of the whole cache object takes 6); any other layer kind (sliding windows) goes through deepcopy + crop."""
     if all(type(layer) is DynamicLayer for layer in cache.layers):
         copied = DynamicCache()
-        for index, layer in enumerate(cache.layers):  # (1, KV, T, hd) -> (1, KV, length, hd), new storage
-            copied.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        for index, layer in enumerate(cache.layers):  # (1, KV, T, hd) -> (1, KV, length, hd)
+            # update concatenates onto the empty new layer: the slices land in storage of the copy's own.
+            copied.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)
         return copied
     copied = copy.deepcopy(cache)
     if (surplus := copied.get_seq_length() - length) > 0:

@@ -176,8 +176,8 @@ class Int4Decoder:
 
     def step(self, tokens: list[int], caches: list, wide: bool = True) -> torch.Tensor:
         """One decode step for B sequences at once, each with its own cache (their lengths may differ): the
-        projections run as one (B, in) product each, and attention as one masked `decode_attention` per layer over the
-        batch's keys / values (`BatchKV`: the caches are copied in when they join and written back by
+        projections run as one (B, in) product each, and attention as one masked `decode_attention` per layer
+        over the batch's keys / values (`BatchKV`: the caches are copied in when they join and written back by
         `release`). Logits (B, V), in the order given.
 
         `wide`: batches of DENSE_ROWS or more go through the bf16 copy of the weights (a 16-row step: 62 ms

@@ -53,7 +53,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def make_accelerator(stage: StageConfig) -> Accelerator:
-    """bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX or AVX512-BF16: training.precision), else fp32."""
+    """bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX or AVX512-BF16: training.precision),
+    else fp32."""
     cpu = not torch.cuda.is_available()  # also makes torchrun on a CPU host a gloo DDP run
     world = PartialState(cpu=cpu).num_processes
     bf16 = use_bf16(stage.precision, cpu)

@@ -89,7 +89,8 @@ class StageConfig:
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in backward: less memory, ~30% more time."""
     precision: str = "auto"
-    """auto: bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX or AVX512-BF16), else fp32; or bf16 | fp32."""
+    """auto: bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX or AVX512-BF16), else fp32; or
+    bf16 | fp32."""
     seed: int = 0
     """Seeds the model init, LoRA init and the data order."""
     num_workers: int = 0
