@@ -72,6 +72,9 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
+    # vLLM's extra sampling parameter (OpenAI clients send it in extra_body): the reply runs to max_tokens
+    # whatever the model writes, so load benchmarks compare equal lengths.
+    ignore_eos: bool = False
 
 
 def image_source(url: str, allowed_dir: Path | None, param: str) -> bytes | str:
@@ -156,4 +159,6 @@ def gen_config(request: ChatRequest, default: GenerationConfig) -> GenerationCon
     max_tokens = request.max_completion_tokens or request.max_tokens or default.max_new_tokens
     temperature = default.temperature if request.temperature is None else request.temperature
     top_p = default.top_p if request.top_p is None else request.top_p
-    return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=request.seed)
+    return GenerationConfig(
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=request.seed, ignore_eos=request.ignore_eos
+    )

@@ -9,8 +9,10 @@ each running sequence's next token with that sequence's own settings (temperatur
 stop tokens, token budget), hands the tokens to their readers, and feeds all of them in one forward
 (`mllm.generation.feed`). A reply joins at the first step after its prompt is prefilled and leaves when
 it stops, runs out of budget, is cancelled or its reader goes away. Prompts are prefilled in chunks, one
-chunk between two steps, so a long prompt never stalls the replies already streaming. Every sequence
-keeps its own KV cache, so an answer does not depend on what else is running.
+chunk between two steps, so a long prompt never stalls the replies already streaming; the chunks of
+prompts waiting together are prefilled in one packed forward (`mllm.generation.prefill_packed`: the
+weights are read once for all of them). Every sequence keeps its own KV cache, so an answer does not
+depend on what else is running.
 """
 
 from __future__ import annotations
@@ -26,10 +28,26 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from mllm.generation import Cancelled, Sequence, feed, prefill_chunks, release
+from mllm.generation import Cancelled, Sequence, feed, prefill_chunks, prefill_packed, release
 
 _DONE = object()
 JOB_BUDGET_S = 0.1  # the most time jobs take between two decode steps (one job always runs)
+# The most prompt rows one packed prefill takes. Packing reads the weights once for all of them (four 63-token
+# prompts: 115 ms against 167 one by one on the default model, 2 cores), and a batch that fills faster decodes
+# wider: 16 conversations at once got 164 tok/s unpacked, 206 packing 256 rows, 252 packing 512, 242 at 1024.
+# The price is one longer pause for the replies already running: a 512-row forward is ~0.25 s here.
+PACK_ROWS = 512
+
+
+class _Prefill:
+    """A queued job: one prompt chunk (1, N, D) into its sequence's cache. Chunks queued together run packed."""
+
+    def __init__(self, sequence: Sequence, chunk: torch.Tensor):
+        self.sequence, self.chunk = sequence, chunk
+
+    @property
+    def rows(self) -> int:
+        return self.chunk.shape[1]
 
 
 class _Running:
@@ -56,6 +74,7 @@ class Batcher:
         # time in decode steps alone, without the prompts' prefill and image encodes between them).
         self.steps = self.batched_tokens = 0
         self.decode_s = 0.0
+        self.prefill_forwards = self.prefilled_chunks = 0  # mean pack = prefilled_chunks / prefill_forwards
         # The model thread lives as long as the process (a new thread would mean a new OpenMP team) and is
         # stopped at exit: torch aborts ("terminate called ...") if a thread that ran its kernels is cut off.
         self._closed = False
@@ -100,7 +119,7 @@ class Batcher:
                 yield None
             if cancel is not None and cancel.is_set():
                 raise Cancelled
-            self.run(sequence.prefill, chunk)  # one chunk between two decode steps
+            self.prefill(sequence, chunk)  # one chunk between two decode steps
         running = _Running(sequence, cancel)
         self._join(running)
         try:
@@ -110,6 +129,47 @@ class Batcher:
                 yield item
         finally:
             running.abandoned = True  # a reader that stops early takes its sequence out of the batch
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the model thread."""
+        with self._cond:
+            return len(self._jobs)
+
+    def prefill(self, sequence: Sequence, chunk: torch.Tensor) -> None:
+        """`sequence.prefill(chunk)` on the model thread, packed with the other prompt chunks queued with it."""
+        if threading.current_thread() is self._thread:
+            return sequence.prefill(chunk)
+        future: Future = Future()
+        with self._cond:
+            self._jobs.append((_Prefill(sequence, chunk), future))
+            self._cond.notify()
+        return future.result()
+
+    def _run_prefills(self, first: _Prefill, future: Future) -> None:
+        """`first` and the prompt chunks queued behind it, up to PACK_ROWS rows, in one packed forward. Each
+        reader thread waits on one job at a time, so taking chunks out of queue order delays nobody's own."""
+        jobs, rows = [(first, future)], first.rows
+        with self._cond:
+            kept: deque = deque()
+            for job in self._jobs:
+                if isinstance(job[0], _Prefill) and rows + job[0].rows <= PACK_ROWS:
+                    jobs.append(job)
+                    rows += job[0].rows
+                else:
+                    kept.append(job)
+            self._jobs = kept
+        try:
+            with self.lock:
+                prefill_packed(self.model, [job.sequence for job, _ in jobs], [job.chunk for job, _ in jobs])
+                self.prefill_forwards += 1
+                self.prefilled_chunks += len(jobs)
+        except BaseException as e:  # noqa: BLE001 - the callers get it, the thread goes on
+            for _, waiting in jobs:
+                waiting.set_exception(e)
+            return
+        for _, waiting in jobs:
+            waiting.set_result(None)
 
     def _join(self, running: _Running) -> None:
         with self._cond:
@@ -131,6 +191,11 @@ class Batcher:
                 if job is None:
                     break
                 fn, future = job
+                if isinstance(fn, _Prefill):
+                    self._run_prefills(fn, future)
+                    if time.perf_counter() - started > JOB_BUDGET_S:
+                        break
+                    continue
                 try:
                     with self.lock:
                         future.set_result(fn())

@@ -21,7 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from mllm.int4_decode import int4_decoder
+from mllm.int4_decode import DENSE_ROWS, int4_decoder
 from mllm.processor import Encoded
 
 
@@ -120,6 +120,24 @@ class Sequence:
         self.history.append(token)
         self.remaining -= 1
         return token
+
+
+@torch.inference_mode()
+def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor]) -> None:
+    """`Sequence.prefill` for several sequences, chunks (1, N_i, D) each: one forward for all of them where the
+    int4 forward applies (`Int4Decoder.forward_packed`: the same logits as one by one, the weights read once),
+    one each otherwise. A chunk under DENSE_ROWS rows runs alone: alone it takes the int4 kernel, packed it
+    would take the bf16 copy, and its logits would depend on what it was packed with."""
+    decoder = int4_decoder(model.llm)
+    packed = [i for i, chunk in enumerate(chunks) if decoder is not None and chunk.shape[1] >= DENSE_ROWS]
+    packed = packed if len(packed) > 1 else []
+    for i, (sequence, chunk) in enumerate(zip(sequences, chunks)):
+        if i not in packed:
+            sequence.prefill(chunk)
+    if packed:
+        logits = decoder.forward_packed([chunks[i][0] for i in packed], [sequences[i].cache for i in packed])  # (S, V)
+        for row, i in enumerate(packed):
+            sequences[i].logits = logits[row : row + 1]
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ client, 5 turns, the history re-sent each time) against the same model served wi
 Bounded: at most 64 conversations, 512 tokens each, and a wall-clock limit.
 
     .venv/bin/python scripts/bench_api.py [--model default] [--levels 1,4,16] [--max-tokens 32]
-        [--max-concurrency 16] [--turns 5] [--long-prompt 7000]
+        [--max-concurrency 16] [--turns 5] [--long-prompt 7000] [--ignore-eos]
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def one_conversation(client: openai.OpenAI, model: str, image_url: str, max_tokens: int) -> dict:
+def one_conversation(
+    client: openai.OpenAI, model: str, image_url: str, max_tokens: int, ignore_eos: bool = False
+) -> dict:
     messages = [
         {
             "role": "user",
@@ -62,6 +64,7 @@ def one_conversation(client: openai.OpenAI, model: str, image_url: str, max_toke
         stream=True,
         stream_options={"include_usage": True},
         temperature=0,
+        extra_body={"ignore_eos": True} if ignore_eos else None,
     )
     for chunk in chunks:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
@@ -109,11 +112,13 @@ def long_prefill_gaps(engine: ChatEngine, prompt_tokens: int) -> dict:
     }
 
 
-def concurrent(client, model_id: str, images: list[str], max_tokens: int, timeout: float) -> dict | None:
+def concurrent(
+    client, model_id: str, images: list[str], max_tokens: int, timeout: float, ignore_eos: bool = False
+) -> dict | None:
     """len(images) conversations at once, one image each: latency / TTFT percentiles and aggregate tokens/s."""
     wall = time.perf_counter()
     with ThreadPoolExecutor(len(images)) as pool:
-        futures = [pool.submit(one_conversation, client, model_id, im, max_tokens) for im in images]
+        futures = [pool.submit(one_conversation, client, model_id, im, max_tokens, ignore_eos) for im in images]
         done, pending = wait(futures, timeout=timeout)
         for future in pending:
             future.cancel()
@@ -136,14 +141,14 @@ def median_run(repeats: list[dict]) -> dict:
     """One row from repeated runs of a level: each rate its median; latencies from the median-aggregate run."""
     middle = sorted(repeats, key=lambda r: r["aggregate"])[len(repeats) // 2]
     row = dict(middle)
-    for key in ("engine", "decode", "mean_batch"):
+    for key in ("engine", "decode", "mean_batch", "pack"):
         row[key] = sorted(r[key] for r in repeats)[len(repeats) // 2]
     return row
 
 
-def in_process(engine: ChatEngine, scenes: list, max_tokens: int) -> float:
+def in_process(engine: ChatEngine, scenes: list, max_tokens: int, ignore_eos: bool = False) -> float:
     """The same conversations on the engine directly (no HTTP, no client in this process): aggregate tokens/s."""
-    gen = GenerationConfig(max_new_tokens=max_tokens)
+    gen = GenerationConfig(max_new_tokens=max_tokens, ignore_eos=ignore_eos)
     streams = [
         engine.complete(
             [
@@ -211,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         help="runs per level; the table gives each figure's median (a 2-core host is noisy)",
     )
     p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every answer runs to --max-tokens (vLLM's ignore_eos): decode-bound load at a fixed length",
+    )
+    p.add_argument(
         "--long-prompt", type=int, default=0, help="also: a stream's token gaps while a prompt this long prefills"
     )
     args = p.parse_args(argv)
@@ -241,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Every run prefills from scratch: no prefix or image feature is left from the run before.
                 engine.prefix_cache, engine.feature_cache = None, type(engine.feature_cache)()
                 steps, batched, decode_s = engine.batcher.steps, engine.batcher.batched_tokens, engine.batcher.decode_s
-                run = concurrent(client, engine.model_id, images[:n], args.max_tokens, args.timeout)
+                forwards, chunks = engine.batcher.prefill_forwards, engine.batcher.prefilled_chunks
+                run = concurrent(client, engine.model_id, images[:n], args.max_tokens, args.timeout, args.ignore_eos)
                 if run is None:
                     print(f"FAILED: {n} conversations did not finish within {args.timeout:.0f} s")
                     return 1
@@ -250,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                 run["decode"] = (engine.batcher.batched_tokens - batched) / max(
                     engine.batcher.decode_s - decode_s, 1e-9
                 )
+                # Prompt chunks per packed prefill forward (`mllm.batching.PACK_ROWS`).
+                run["pack"] = (engine.batcher.prefilled_chunks - chunks) / max(engine.batcher.prefill_forwards - forwards, 1)
                 engine.feature_cache = type(engine.feature_cache)()
-                run["engine"] = in_process(engine, [s.copy() for s in scenes[:n]], args.max_tokens)
+                run["engine"] = in_process(engine, [s.copy() for s in scenes[:n]], args.max_tokens, args.ignore_eos)
                 repeats.append(run)
             runs.append(median_run(repeats))
         engine.prefix_cache = cache
@@ -264,19 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     single = next((r["aggregate"] for r in runs if r["n"] == 1), None)
     single_engine = next((r["engine"] for r in runs if r["n"] == 1), None)
     single_decode = next((r["decode"] for r in runs if r["n"] == 1), None)
-    print(f"\nmax_tokens={args.max_tokens}, greedy, max_concurrency={args.max_concurrency}, over HTTP (openai client)")
+    fixed = ", ignore_eos" if args.ignore_eos else ""
+    print(
+        f"\nmax_tokens={args.max_tokens}{fixed}, greedy, max_concurrency={args.max_concurrency}, over HTTP (openai client)"
+    )
     print(
         "| conversations | aggregate tok/s (HTTP) | vs 1 stream | engine in-process tok/s | vs 1 stream "
-        "| decode steps tok/s | vs 1 stream | mean batch | latency p50 / p95 (s) | TTFT p50 / p95 (s) |"
+        "| decode steps tok/s | vs 1 stream | mean batch | prompts per prefill | latency p50 / p95 (s) "
+        "| TTFT p50 / p95 (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         ratio = f"{r['aggregate'] / single:.2f}x" if single else ""
         engine_ratio = f"{r['engine'] / single_engine:.2f}x" if single_engine else ""
         decode_ratio = f"{r['decode'] / single_decode:.2f}x" if single_decode else ""
         print(
             f"| {r['n']} | {r['aggregate']:.1f} | {ratio} | {r['engine']:.1f} | {engine_ratio} "
-            f"| {r['decode']:.1f} | {decode_ratio} | {r['mean_batch']:.1f} "
+            f"| {r['decode']:.1f} | {decode_ratio} | {r['mean_batch']:.1f} | {r['pack']:.1f} "
             f"| {percentile(r['latency'], 50):.2f} / {percentile(r['latency'], 95):.2f} "
             f"| {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 95):.2f} |"
         )

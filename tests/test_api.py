@@ -80,6 +80,20 @@ def test_completion_with_an_image_streams_the_same_text(client):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_ignore_eos_runs_every_answer_to_max_tokens(client):
+    """vLLM's `ignore_eos` (sent in extra_body): the answer is max_tokens long whatever the model writes."""
+    for n in (3, 11):
+        reply = client.chat.completions.create(
+            model="tiny", messages=ask("hi"), max_tokens=n, extra_body={"ignore_eos": True}
+        )
+        assert reply.usage.completion_tokens == n and reply.choices[0].finish_reason == "length"
+    from app.api_request import ChatRequest, gen_config
+
+    request = ChatRequest(model="tiny", messages=ask("hi"), ignore_eos=True)
+    assert gen_config(request, GenerationConfig()).ignore_eos  # the stop tokens are off (`Sequence.stops`)
+    assert not gen_config(ChatRequest(model="tiny", messages=ask("hi")), GenerationConfig()).ignore_eos
+
+
 def test_stop_string_cuts_the_answer(client):
     messages = ask("describe the image")
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12).choices[0].message.content

@@ -192,3 +192,66 @@ def test_the_batch_kv_buffer_gives_back_what_each_cache_would_hold_alone(int4_mo
         for a, b in zip(one.layers, other.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=2e-2)
             torch.testing.assert_close(a.values, b.values, rtol=0, atol=2e-2)
+
+
+@torch.inference_mode()
+def test_prompts_prefilled_packed_get_the_logits_and_caches_they_get_alone(int4_model):
+    """`forward_packed` runs several prompt chunks as one forward, each against its own cache (one of them
+    already holding positions): each chunk's logits and keys / values are exactly those of the chunk alone."""
+    from transformers import DynamicCache
+
+    from mllm.int4_decode import DENSE_ROWS, int4_decoder
+
+    decoder = int4_decoder(int4_model.llm)
+    torch.manual_seed(4)
+    width = decoder.embed.shape[1]
+    history = torch.randn(9, width)
+    chunks = [torch.randn(n, width) for n in (DENSE_ROWS, 21, DENSE_ROWS + 3)]
+    packed, alone = [DynamicCache() for _ in chunks], [DynamicCache() for _ in chunks]
+    decoder.forward(history, packed[1])  # the second chunk continues a conversation
+    decoder.forward(history, alone[1])
+    together = decoder.forward_packed(chunks, packed)  # (3, V)
+    for k, chunk in enumerate(chunks):
+        assert torch.equal(together[k : k + 1], decoder.forward(chunk, alone[k]))
+        for a, b in zip(packed[k].layers, alone[k].layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_prompt_chunks_queued_together_are_prefilled_in_one_forward(int4_model, images):
+    """Three prompts wait behind a busy model thread: the batcher prefills them in one packed forward, and
+    each reply is the reply decoded alone."""
+    from transformers import DynamicCache
+
+    from mllm.generation import Sequence, prefill_chunks
+    from mllm.int4_decode import DENSE_ROWS
+
+    encoded = [_encoded(int4_model, p, images[k % 2]) for k, p in enumerate(PROMPTS[:3])]
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    alone = [_reply(int4_model, e, gen)[1] for e in encoded]
+    batcher = Batcher(int4_model, threading.Lock())
+    sequences, chunks = [], []
+    for e in encoded:
+        sequences.append(Sequence(int4_model, DynamicCache(), [], e.input_ids, gen, gen.max_new_tokens))
+        (chunk,) = prefill_chunks(int4_model, e.input_ids, image_features(int4_model, e))
+        chunks.append(chunk)
+    assert min(chunk.shape[1] for chunk in chunks) >= DENSE_ROWS  # all three go into the packed forward
+    busy, free = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=batcher.run, args=(lambda: (busy.set(), free.wait(30)),))
+    blocker.start()
+    assert busy.wait(30)
+    _in_threads(lambda k: batcher.prefill(sequences[k], chunks[k]), 3, after_start=lambda: _until(batcher, 3, free))
+    blocker.join(30)
+    assert (batcher.prefill_forwards, batcher.prefilled_chunks) == (1, 3)
+    for sequence, want in zip(sequences, alone):
+        assert sequence.sample() == want[0]  # the first token comes from the packed prefill's logits
+    batcher.close()
+
+
+def _until(batcher, jobs: int, then: threading.Event) -> None:
+    """Wait until `jobs` jobs are queued on `batcher`, then set `then`."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while batcher.queued < jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    then.set()
