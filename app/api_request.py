@@ -160,5 +160,9 @@ def gen_config(request: ChatRequest, default: GenerationConfig) -> GenerationCon
     temperature = default.temperature if request.temperature is None else request.temperature
     top_p = default.top_p if request.top_p is None else request.top_p
     return GenerationConfig(
-        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=request.seed, ignore_eos=request.ignore_eos
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=request.seed,
+        ignore_eos=request.ignore_eos,
     )

@@ -167,7 +167,9 @@ class Int4Decoder:
         cos, sin = self.rotary(h[None], positions[None])  # (1, T, hd) each
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, hd): broadcast over heads
         # One query row per new position: it sees its cache and its chunk's positions up to its own.
-        masks = [None if n == 1 else torch.ones(n, past + n, dtype=torch.bool).tril(past) for n, past in zip(sizes, pasts)]
+        masks = [
+            None if n == 1 else torch.ones(n, past + n, dtype=torch.bool).tril(past) for n, past in zip(sizes, pasts)
+        ]
         ends = torch.tensor(sizes).cumsum(0).tolist()
         spans = [(end - n, end) for n, end in zip(sizes, ends)]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim

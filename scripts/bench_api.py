@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                     engine.batcher.decode_s - decode_s, 1e-9
                 )
                 # Prompt chunks per packed prefill forward (`mllm.batching.PACK_ROWS`).
-                run["pack"] = (engine.batcher.prefilled_chunks - chunks) / max(engine.batcher.prefill_forwards - forwards, 1)
+                run["pack"] = (engine.batcher.prefilled_chunks - chunks) / max(
+                    engine.batcher.prefill_forwards - forwards, 1
+                )
                 engine.feature_cache = type(engine.feature_cache)()
                 run["engine"] = in_process(engine, [s.copy() for s in scenes[:n]], args.max_tokens, args.ignore_eos)
                 repeats.append(run)
