@@ -21,8 +21,11 @@ CAPACITY_STEP = 256  # positions added when a sequence outgrows the buffer (one 
 class BatchKV:
     """`(S, KV, C, hd)` keys and values per layer for the caches in `rows` (slot order) and their lengths."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ):
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, dtype
+        self.device = torch.device(device)
         self.keys: list[torch.Tensor] = []  # per layer (S, KV, C, hd); empty while no sequence is resident
         self.values: list[torch.Tensor] = []
         self.rows: list = []  # the resident caches, row s in slot s
@@ -67,10 +70,11 @@ class BatchKV:
     def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's positions, where each row's new key goes (B,), and what each row attends to once it is
         written (B, 1, 1, L), L = the longest row's new length; computed once, every layer's `write` uses them."""
-        self._positions = torch.tensor(self.lengths)
-        self._rows = torch.arange(len(self.lengths))
+        self._positions = torch.tensor(self.lengths, device=self.device)
+        self._rows = torch.arange(len(self.lengths), device=self.device)
         self._span = max(self.lengths) + 1
-        return self._positions, (torch.arange(self._span)[None] <= self._positions[:, None])[:, None, None]
+        visible = torch.arange(self._span, device=self.device)[None] <= self._positions[:, None]  # (B, L)
+        return self._positions, visible[:, None, None]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new position per row (rows `0..B-1`, `keys` / `values` (B, KV, hd)) at the positions
@@ -103,7 +107,8 @@ class BatchKV:
         grown_keys, grown_values = [], []
         for layer in range(self.layers):
             shape = (slots, self.kv_heads, positions, self.head_dim)
-            keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+            keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            values = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.keys:
                 old = self.keys[layer]
                 keys[: old.shape[0], :, : old.shape[2]] = old

@@ -21,6 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mllm.batch_decode import transformers_batch
 from mllm.int4_decode import DENSE_ROWS, int4_decoder
 from mllm.processor import Encoded
 
@@ -142,13 +143,18 @@ def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor])
 
 @torch.inference_mode()
 def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = False) -> None:
-    """Append one token to each sequence's cache and set its next logits: one forward for all of them where
-    the int4 forward applies (each sequence keeps its own cache), one forward each otherwise. `exact`: wide
-    batches stay on the int4 kernel, so every reply is bit for bit the reply decoded alone
-    (`Int4Decoder.step`)."""
+    """Append one token to each sequence's cache and set its next logits, in one forward for all of them (each
+    sequence keeps its own cache): the int4 forward's batched step where it applies (`exact`: wide batches
+    stay on the int4 kernel, so every reply is bit for bit the reply decoded alone; `Int4Decoder.step`),
+    else transformers' forward over the batch (`mllm.batch_decode`), else one forward each."""
     decoder = int4_decoder(model.llm)
     if decoder is not None:
         logits = decoder.step(tokens, [s.cache for s in sequences], wide=not exact)  # (B, V)
+    elif (batch := transformers_batch(model.llm)) is not None and (len(sequences) > 1 or batch.rows):
+        logits = batch.step(tokens, [s.cache for s in sequences])  # (B, V)
+    else:
+        logits = None
+    if logits is not None:
         for i, sequence in enumerate(sequences):
             sequence.logits = logits[i : i + 1]
         return
@@ -159,10 +165,11 @@ def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = Fals
 
 def release(model, sequence: Sequence) -> None:
     """`sequence` leaves the batch `feed` decodes it in: its cache holds every position fed so far again
-    (the int4 forward keeps a batch's keys / values side by side while it runs)."""
+    (a batch's keys / values sit side by side while it runs)."""
     decoder = int4_decoder(model.llm)
-    if decoder is not None:
-        decoder.release(sequence.cache)
+    batch = transformers_batch(model.llm) if decoder is None else decoder
+    if batch is not None:
+        batch.release(sequence.cache)
 
 
 def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:

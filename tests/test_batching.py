@@ -255,3 +255,65 @@ def _until(batcher, jobs: int, then: threading.Event) -> None:
     while batcher.queued < jobs and time.monotonic() < deadline:
         time.sleep(0.01)
     then.set()
+
+
+@pytest.fixture(scope="module")
+def float_model(tiny_config):
+    """The tiny model unquantized: decoded through transformers' forward (`mllm.batch_decode`)."""
+    from mllm.assembly import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config, device="cpu").eval()
+
+
+@torch.inference_mode()
+def test_the_transformers_forward_decodes_a_batch_with_each_rows_own_logits(float_model):
+    """Three sequences of different lengths through one transformers forward per step, the middle one leaving
+    half way: every row's logits are that sequence's own (teacher-forced), and every cache written back is
+    the cache decoded alone."""
+    from transformers import DynamicCache
+
+    from mllm.batch_decode import transformers_batch
+    from mllm.int4_decode import int4_decoder
+
+    llm = float_model.llm
+    assert int4_decoder(llm) is None and transformers_batch(llm) is not None
+    batch = transformers_batch(llm)
+    torch.manual_seed(5)
+    vocab = llm.config.vocab_size
+    prompts = [torch.randint(0, vocab, (1, n)) for n in (3, 17, 9)]
+    batched, alone = [DynamicCache() for _ in prompts], [DynamicCache() for _ in prompts]
+    for prompt, one, other in zip(prompts, batched, alone):
+        llm(input_ids=prompt, cache=one, use_cache=True)
+        llm(input_ids=prompt, cache=other, use_cache=True)
+    for step in range(12):
+        rows = [0, 1, 2] if step < 6 else [2, 0]  # the middle one leaves; the others come back reordered
+        tokens = [(13 * step + 7 * r) % vocab for r in rows]
+        together = batch.step(tokens, [batched[r] for r in rows])  # (B, V)
+        for k, (r, token) in enumerate(zip(rows, tokens)):
+            own = llm(input_ids=torch.tensor([[token]]), cache=alone[r], use_cache=True).logits[:, -1]
+            torch.testing.assert_close(together[k : k + 1], own, rtol=1e-4, atol=1e-4)
+    for cache in batched:
+        batch.release(cache)
+    assert batch.rows == []
+    for one, other in zip(batched, alone):
+        assert one.get_seq_length() == other.get_seq_length()
+        for a, b in zip(one.layers, other.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+
+
+def test_replies_batched_through_the_transformers_forward_are_the_replies_alone(float_model, images):
+    encoded = [_encoded(float_model, p, images[k % 2]) for k, p in enumerate(PROMPTS)]
+    alone = [_reply(float_model, e, g) for e, g in zip(encoded, GENS)]
+    batcher = Batcher(float_model, threading.Lock())
+    together = [None] * len(PROMPTS)
+    start = threading.Barrier(len(PROMPTS))
+
+    def run(k):
+        start.wait()
+        together[k] = _reply(float_model, encoded[k], GENS[k], batcher)
+
+    _in_threads(run, len(PROMPTS))
+    batcher.close()
+    assert together == alone
+    assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
