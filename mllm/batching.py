@@ -74,7 +74,9 @@ class Batcher:
         # time in decode steps alone, without the prompts' prefill and image encodes between them).
         self.steps = self.batched_tokens = 0
         self.decode_s = 0.0
-        self.prefill_forwards = self.prefilled_chunks = 0  # mean pack = prefilled_chunks / prefill_forwards
+        self.prefill_forwards = self.prefilled_chunks = (
+            0  # prompt chunks per prefill forward = prefilled_chunks / prefill_forwards
+        )
         # The model thread lives as long as the process (a new thread would mean a new OpenMP team) and is
         # stopped at exit: torch aborts ("terminate called ...") if a thread that ran its kernels is cut off.
         self._closed = False
@@ -161,8 +163,8 @@ class Batcher:
             self._jobs = kept
         try:
             with self.lock:
-                prefill_packed(self.model, [job.sequence for job, _ in jobs], [job.chunk for job, _ in jobs])
-                self.prefill_forwards += 1
+                forwards = prefill_packed(self.model, [job.sequence for job, _ in jobs], [job.chunk for job, _ in jobs])
+                self.prefill_forwards += forwards
                 self.prefilled_chunks += len(jobs)
         except BaseException as e:  # noqa: BLE001 - the callers get it, the thread goes on
             for _, waiting in jobs:

@@ -124,11 +124,12 @@ class Sequence:
 
 
 @torch.inference_mode()
-def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor]) -> None:
+def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor]) -> int:
     """`Sequence.prefill` for several sequences, chunks (1, N_i, D) each: one forward for all of them where the
     int4 forward applies (`Int4Decoder.forward_packed`: the same logits as one by one, the weights read once),
     one each otherwise. A chunk under DENSE_ROWS rows runs alone: alone it takes the int4 kernel, packed it
-    would take the bf16 copy, and its logits would depend on what it was packed with."""
+    would take the bf16 copy, and its logits would depend on what it was packed with. Returns the number of
+    forwards run."""
     decoder = int4_decoder(model.llm)
     packed = [i for i, chunk in enumerate(chunks) if decoder is not None and chunk.shape[1] >= DENSE_ROWS]
     packed = packed if len(packed) > 1 else []
@@ -139,6 +140,7 @@ def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor])
         logits = decoder.forward_packed([chunks[i][0] for i in packed], [sequences[i].cache for i in packed])  # (S, V)
         for row, i in enumerate(packed):
             sequences[i].logits = logits[row : row + 1]
+    return len(chunks) - len(packed) + bool(packed)
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ client, 5 turns, the history re-sent each time) against the same model served wi
 Bounded: at most 64 conversations, 512 tokens each, and a wall-clock limit.
 
     .venv/bin/python scripts/bench_api.py [--model default] [--levels 1,4,16] [--max-tokens 32]
-        [--max-concurrency 16] [--turns 5] [--long-prompt 7000] [--ignore-eos]
+        [--max-concurrency 16] [--turns 5] [--long-prompt 7000] [--ignore-eos] [--quantization none]
 """
 
 from __future__ import annotations
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--quantization", default=None, help="int4 | none | 4bit | 8bit (default: the model's own, int4 on CPU)"
+    )
     p.add_argument("--levels", default="1,4,16", help="concurrent conversations to measure, a comma list (1..64)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (1..512)")
     p.add_argument("--max-concurrency", type=int, default=16, help="replies the engine generates (batches) at once")
@@ -246,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     engine = ChatEngine.load(
-        args.model, device=args.device, max_concurrency=args.max_concurrency, max_queue=max(levels)
+        args.model,
+        device=args.device,
+        quantization=args.quantization,
+        max_concurrency=args.max_concurrency,
+        max_queue=max(levels),
     )
     info = engine.info()
     print(
