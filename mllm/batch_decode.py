@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mllm.batch_kv import BatchKV
+from mllm.batch_kv import BatchKV, in_given_order, in_slot_order
 from mllm.int4_decode import ARCHITECTURES
 
 
@@ -69,23 +69,19 @@ class TransformersBatch:
             keys = caches[0].layers[0].keys  # (1, KV, T, hd)
             self.batch = BatchKV(len(caches[0].layers), keys.shape[1], keys.shape[-1], keys.dtype, keys.device)
         slots = self.batch.arrange(caches)  # the batch's rows are slots 0..B-1
-        by_slot = [0] * len(tokens)
-        for token, slot in zip(tokens, slots):
-            by_slot[slot] = token
         positions, visible = self.batch.begin_step()  # (B,), (B, 1, 1, L)
         # Additive, in the cache's dtype: what eager attention adds and SDPA takes alike.
         mask = torch.zeros(visible.shape, dtype=self.batch.dtype, device=self.batch.device)
         mask.masked_fill_(~visible, torch.finfo(self.batch.dtype).min)
         out = self.llm(
-            input_ids=torch.tensor(by_slot, device=self.batch.device)[:, None],  # (B, 1)
+            input_ids=torch.tensor(in_slot_order(tokens, slots), device=self.batch.device)[:, None],  # (B, 1)
             position_ids=positions[:, None],  # (B, 1): each row at its own position
             attention_mask=mask,
             cache=_BatchCache(self.batch),
             use_cache=True,
         )
         self.batch.advance()
-        logits = out.logits[:, -1]  # (B, V) by slot
-        return logits if slots == list(range(len(slots))) else logits[torch.tensor(slots, device=logits.device)]
+        return in_given_order(out.logits[:, -1], slots)  # (B, V), back in the order given
 
     def release(self, cache) -> None:
         """`cache` leaves the batch: its keys / values so far are written back into it."""

@@ -18,6 +18,19 @@ import torch
 CAPACITY_STEP = 256  # positions added when a sequence outgrows the buffer (one re-allocation per 256 tokens)
 
 
+def in_slot_order(tokens: list[int], slots: list[int]) -> list[int]:
+    """`tokens` given in the callers' order, rearranged so item s belongs to slot s (`arrange`'s slots)."""
+    by_slot = [0] * len(tokens)
+    for token, slot in zip(tokens, slots):
+        by_slot[slot] = token
+    return by_slot
+
+
+def in_given_order(rows: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """Per-slot results (B, ...) back in the order the caches were given; the usual case costs nothing."""
+    return rows if slots == list(range(len(slots))) else rows[torch.tensor(slots, device=rows.device)]
+
+
 class BatchKV:
     """`(S, KV, C, hd)` keys and values per layer for the caches in `rows` (slot order) and their lengths."""
 

@@ -74,9 +74,8 @@ class Batcher:
         # time in decode steps alone, without the prompts' prefill and image encodes between them).
         self.steps = self.batched_tokens = 0
         self.decode_s = 0.0
-        self.prefill_forwards = self.prefilled_chunks = (
-            0  # prompt chunks per prefill forward = prefilled_chunks / prefill_forwards
-        )
+        # Prompt chunks per prefill forward = prefilled_chunks / prefill_forwards.
+        self.prefill_forwards = self.prefilled_chunks = 0
         # The model thread lives as long as the process (a new thread would mean a new OpenMP team) and is
         # stopped at exit: torch aborts ("terminate called ...") if a thread that ran its kernels is cut off.
         self._closed = False

@@ -149,20 +149,18 @@ def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = Fals
     sequence keeps its own cache): the int4 forward's batched step where it applies (`exact`: wide batches
     stay on the int4 kernel, so every reply is bit for bit the reply decoded alone; `Int4Decoder.step`),
     else transformers' forward over the batch (`mllm.batch_decode`), else one forward each."""
-    decoder = int4_decoder(model.llm)
+    decoder, caches = int4_decoder(model.llm), [s.cache for s in sequences]
     if decoder is not None:
-        logits = decoder.step(tokens, [s.cache for s in sequences], wide=not exact)  # (B, V)
+        logits = decoder.step(tokens, caches, wide=not exact)  # (B, V)
     elif (batch := transformers_batch(model.llm)) is not None and (len(sequences) > 1 or batch.rows):
-        logits = batch.step(tokens, [s.cache for s in sequences])  # (B, V)
-    else:
-        logits = None
-    if logits is not None:
-        for i, sequence in enumerate(sequences):
-            sequence.logits = logits[i : i + 1]
+        logits = batch.step(tokens, caches)  # (B, V)
+    else:  # one sequence alone, or a model neither batch takes
+        for sequence, token in zip(sequences, tokens):
+            ids = torch.tensor([[token]], device=model.device)
+            sequence.logits = model.llm(input_ids=ids, cache=sequence.cache, use_cache=True).logits[:, -1]
         return
-    for sequence, token in zip(sequences, tokens):
-        ids = torch.tensor([[token]], device=model.device)
-        sequence.logits = model.llm(input_ids=ids, cache=sequence.cache, use_cache=True).logits[:, -1]
+    for i, sequence in enumerate(sequences):
+        sequence.logits = logits[i : i + 1]
 
 
 def release(model, sequence: Sequence) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.batch_kv import BatchKV
+from mllm.batch_kv import BatchKV, in_given_order, in_slot_order
 from mllm.cpu_quant import Int4Linear, Int4Siblings
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -212,11 +212,7 @@ class Int4Decoder:
             return self(tokens[0], caches[0])  # one sequence alone: its own cache, nothing to pad
         slots = self.batch.arrange(caches)  # slot of each cache; the batch's rows are slots 0..B-1
         b, heads, kv_heads, head_dim = len(tokens), self.heads, self.kv_heads, self.head_dim
-        by_slot = [0] * b
-        for token, slot in zip(tokens, slots):
-            by_slot[slot] = token
-        in_order = slots == list(range(b))  # the usual case: no reordering of (B, V) logits to pay for
-        h = self.embed[torch.tensor(by_slot)]  # (B, D), row s = slot s
+        h = self.embed[torch.tensor(in_slot_order(tokens, slots))]  # (B, D), row s = slot s
         positions, mask = self.batch.begin_step()  # (B,), (B, 1, 1, L): each row sees its own positions only
         cos, sin = self.rotary(h[None], positions[None])  # (1, B, hd): each row its position
         cos, sin = cos[0, :, None, None], sin[0, :, None, None]  # (B, 1, 1, hd)
@@ -231,7 +227,7 @@ class Int4Decoder:
         self.batch.advance()
         h = F.rms_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
         logits = self.head(h)  # (B, V) by slot
-        return logits if in_order else logits[torch.tensor(slots)]  # (B, V), back in the order given
+        return in_given_order(logits, slots)  # (B, V), back in the order given
 
     def release(self, cache) -> None:
         """`cache` leaves the batch: its keys / values so far are written back into it (a no-op when it is

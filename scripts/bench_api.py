@@ -3,9 +3,10 @@
 Starts the OpenAI-compatible server in-process on loopback and streams every answer with the `openai`
 client, run in a separate process as real clients are (in the server's process, 16 client threads parsing
 every token's chunk took the GIL from the server: 16 x 128 tokens measured 247 tok/s there, 299 from a
-process of their own): for each concurrency level, the aggregate tokens/s (and its ratio to one stream), the mean batch
-the engine decoded, p50 / p95 latency and time to first token (TTFT); then a multi-turn scenario (one
-client, 5 turns, the history re-sent each time) against the same model served with the prefix cache off.
+process of their own). For each concurrency level: the aggregate tokens/s (and its ratio to one stream),
+the mean batch the engine decoded, p50 / p95 latency and time to first token (TTFT); then a multi-turn
+scenario (one client, 5 turns, the history re-sent each time) against the same model served with the prefix
+cache off.
 Bounded: at most 64 conversations, 512 tokens each, and a wall-clock limit.
 
     .venv/bin/python scripts/bench_api.py [--model default] [--levels 1,4,16] [--max-tokens 32]

@@ -4,6 +4,7 @@ decoded alone, a cancelled one leaves without disturbing the rest, and the engin
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -33,6 +34,15 @@ def int4_model(tiny_config, tmp_path_factory):
     return load_model(str(directory), device="cpu", quantization="int4")
 
 
+@pytest.fixture(scope="module")
+def float_model(tiny_config):
+    """The tiny model unquantized: decoded through transformers' forward (`mllm.batch_decode`)."""
+    from mllm.assembly import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config, device="cpu").eval()
+
+
 def _encoded(model, text, image):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return model.processor.encode(messages, [image], add_generation_prompt=True)
@@ -57,18 +67,21 @@ def _reply(model, encoded, gen, batcher=None, cancel=None):
     return text, list(answer.ids), answer.finish_reason
 
 
-def test_replies_decoded_together_are_the_replies_decoded_alone(int4_model, images):
-    encoded = [_encoded(int4_model, p, images[k % 2]) for k, p in enumerate(PROMPTS)]
-    alone = [_reply(int4_model, e, g) for e, g in zip(encoded, GENS)]
-    batcher = Batcher(int4_model, threading.Lock())
+@pytest.mark.parametrize("which", ["int4_model", "float_model"])  # the int4 forward's step, transformers'
+def test_replies_decoded_together_are_the_replies_decoded_alone(which, images, request):
+    model = request.getfixturevalue(which)
+    encoded = [_encoded(model, p, images[k % 2]) for k, p in enumerate(PROMPTS)]
+    alone = [_reply(model, e, g) for e, g in zip(encoded, GENS)]
+    batcher = Batcher(model, threading.Lock())
     together = [None] * len(PROMPTS)
     start = threading.Barrier(len(PROMPTS))
 
     def run(k):
         start.wait()
-        together[k] = _reply(int4_model, encoded[k], GENS[k], batcher)
+        together[k] = _reply(model, encoded[k], GENS[k], batcher)
 
     _in_threads(run, len(PROMPTS))
+    batcher.close()
     assert together == alone
     assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
 
@@ -249,21 +262,10 @@ def test_prompt_chunks_queued_together_are_prefilled_in_one_forward(int4_model, 
 
 def _until(batcher, jobs: int, then: threading.Event) -> None:
     """Wait until `jobs` jobs are queued on `batcher`, then set `then`."""
-    import time
-
     deadline = time.monotonic() + 30
     while batcher.queued < jobs and time.monotonic() < deadline:
         time.sleep(0.01)
     then.set()
-
-
-@pytest.fixture(scope="module")
-def float_model(tiny_config):
-    """The tiny model unquantized: decoded through transformers' forward (`mllm.batch_decode`)."""
-    from mllm.assembly import build_model
-
-    torch.manual_seed(0)
-    return build_model(tiny_config, device="cpu").eval()
 
 
 @torch.inference_mode()
@@ -300,20 +302,3 @@ def test_the_transformers_forward_decodes_a_batch_with_each_rows_own_logits(floa
         assert one.get_seq_length() == other.get_seq_length()
         for a, b in zip(one.layers, other.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
-
-
-def test_replies_batched_through_the_transformers_forward_are_the_replies_alone(float_model, images):
-    encoded = [_encoded(float_model, p, images[k % 2]) for k, p in enumerate(PROMPTS)]
-    alone = [_reply(float_model, e, g) for e, g in zip(encoded, GENS)]
-    batcher = Batcher(float_model, threading.Lock())
-    together = [None] * len(PROMPTS)
-    start = threading.Barrier(len(PROMPTS))
-
-    def run(k):
-        start.wait()
-        together[k] = _reply(float_model, encoded[k], GENS[k], batcher)
-
-    _in_threads(run, len(PROMPTS))
-    batcher.close()
-    assert together == alone
-    assert batcher.batched_tokens > batcher.steps  # more than one sequence per forward on average
