@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,27 +204,72 @@ def _print_written(prog: str, write: Callable[..., Path], *args, **kwargs) -> in
 
 
 # ---- mllm ui / mllm api ---------------------------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def cmd_ui(argv: list[str]) -> int:
-    from app.ui import build, launch, make_examples
-    from mllm.llm import cache_root
+    from app.api_request import MAX_IMAGE_BYTES
 
     p = Parser(prog="mllm ui", description="Chat with images in the browser.")
     add_model_args(p)
     add_server_args(p, port=7860)
+    p.add_argument(
+        "--auth",
+        default=os.environ.get("MLLM_UI_AUTH"),
+        metavar="USER:PASSWORD",
+        help="require this login; MLLM_UI_AUTH=USER:PASSWORD does the same and keeps the password out of the "
+        "process list",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=MAX_IMAGE_BYTES / 2**20,
+        help="larger uploaded files are refused (default: the API's per-image limit)",
+    )
     args = p.parse_args(argv)
+    auth = _login(args.auth)
+    if not 0 < args.max_upload_mb < float("inf"):  # nan and inf too
+        raise UsageError("mllm ui: need a finite --max-upload-mb > 0")
+    # Checked before Gradio is imported and the model loaded: a typo fails at once.
+    from app.ui import build, export_shelf, launch, make_examples
+    from mllm.llm import cache_root
+
     engine = load_engine(args)
     work = cache_root() / "ui"
-    demo = build(engine, make_examples(work / "examples"), export_dir=work / "exports")
+    exports = export_shelf()
+    demo = build(engine, make_examples(work / "examples"), exports=exports)
+    _warn_if_open("mllm ui", args.host, "--auth", auth is not None)
     print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
-    launch(demo, args.host, args.port, allowed=[work])
+    # A service manager stops the server with SIGTERM: leave through `finally` then, as on Ctrl-C, so the exports go.
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        launch(demo, args.host, args.port, allowed=[work], auth=auth, max_file_size=int(args.max_upload_mb * 2**20))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        exports.close()
     return 0
 
 
+def _exit(signum, frame) -> None:
+    sys.exit(0)
+
+
+def _login(value: str | None) -> tuple[str, str] | None:
+    """`--auth` / MLLM_UI_AUTH as Gradio's (user, password); never echoed, it holds a password."""
+    if value is None:
+        return None
+    user, _, password = value.partition(":")
+    if not user.strip() or not password.strip():
+        raise UsageError("mllm ui: --auth (or MLLM_UI_AUTH) must be USER:PASSWORD with neither part empty")
+    return user, password
+
+
+def _warn_if_open(prog: str, host: str, flag: str, protected: bool) -> None:
+    if host not in LOOPBACK and not protected:
+        print(f"{prog}: warning: listening on {host} without {flag}; anyone who can reach it can use it")
+
+
 def cmd_api(argv: list[str]) -> int:
-    import uvicorn
-
-    from app.api import create_app
-
     p = Parser(prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API.")
     add_model_args(p)
     add_server_args(p, port=8000)
@@ -245,12 +291,18 @@ def cmd_api(argv: list[str]) -> int:
         "(default: bf16 products there, 1.7x faster steps, replies may differ where two tokens nearly tie)",
     )
     args = p.parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():  # an empty bearer token would be the key
+        raise UsageError("mllm api: --api-key (or MLLM_API_KEY) must not be empty")
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
     if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mib < 0:
         raise UsageError(
             "mllm api: need --max-concurrency >= 1, --max-queue >= 0, --max-body-mb > 0 and --prefix-cache-mib >= 0"
         )
+    import uvicorn
+
+    from app.api import create_app
+
     engine = load_engine(
         args,
         max_concurrency=args.max_concurrency,
@@ -264,8 +316,7 @@ def cmd_api(argv: list[str]) -> int:
         allowed_image_dir=args.allowed_image_dir,
         max_body_bytes=int(args.max_body_mb * 2**20),
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"mllm api: warning: listening on {args.host} without --api-key; anyone who can reach it can use it")
+    _warn_if_open("mllm api", args.host, "--api-key", args.api_key is not None)
     print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -2,14 +2,20 @@
 
 A conversation is a ChatSession (messages, images, KV cache) plus the caller's image sources
 (paths for the UI), kept aligned with `session.images`. No locking and no model calls here: the
-engine reserves a conversation (`active`) before anything below changes it.
+engine reserves a conversation (`active`) before anything below changes it. `Exports` keeps the UI's
+exported files from piling up on disk.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
 import time
 import uuid
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,3 +83,59 @@ def write_llava(directory: str | Path, answered: list[Exchange], system: list[st
     path = directory / f"{row_id}.json"
     path.write_text(json.dumps([{"id": row_id, "image": names, "conversations": turns}], indent=2) + "\n")
     return path
+
+
+class Exports:
+    """Folders for downloadable exports, all inside one folder per process that is deleted at the end.
+
+    Each export gets a fresh folder owned by a key (the UI's browser session). An owner keeps its last `keep`
+    exports: a new one deletes the oldest, whose download the page no longer shows. At most `max_total` are kept
+    in all, oldest first, so clients that never close their session cannot fill the disk either. `drop(owner)`
+    deletes an owner's (its tab closed) and `close()` everything; an Exports garbage-collected or left open at
+    interpreter exit deletes its folder too. Owners are opaque keys (a session id comes from the client), never
+    part of a path.
+    """
+
+    def __init__(self, parent: str | Path | None = None, keep: int = 3, max_total: int = 256):
+        if keep < 1 or max_total < 1:
+            raise ValueError(f"need keep >= 1 and max_total >= 1, got {keep}, {max_total}")
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="mllm-exports-", dir=parent))
+        self.keep, self.max_total = keep, max_total
+        self._folders: deque[tuple[object, Path]] = deque()  # (owner, folder), oldest first
+        self._lock = threading.Lock()
+        self._delete_root = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+
+    def folder(self, owner: object) -> Path:
+        """A new empty folder for one of `owner`'s exports; the oldest past the limits are deleted."""
+        with self._lock:
+            folder = Path(tempfile.mkdtemp(dir=self.root))
+            self._folders.append((owner, folder))
+            self._remove([entry for entry in self._folders if entry[0] == owner][: -self.keep])
+            self._remove(list(self._folders)[: max(0, len(self._folders) - self.max_total)])
+            return folder
+
+    def owned(self, owner: object) -> list[Path]:
+        """`owner`'s export folders, oldest first."""
+        with self._lock:
+            return [folder for key, folder in self._folders if key == owner]
+
+    def discard(self, folder: Path) -> None:
+        """Delete one folder (an export that failed)."""
+        with self._lock:
+            self._remove([entry for entry in self._folders if entry[1] == folder])
+
+    def drop(self, owner: object) -> None:
+        with self._lock:
+            self._remove([entry for entry in self._folders if entry[0] == owner])
+
+    def close(self) -> None:
+        with self._lock:
+            self._folders.clear()
+            self._delete_root()
+
+    def _remove(self, entries: list[tuple[object, Path]]) -> None:
+        for entry in entries:
+            self._folders.remove(entry)
+            shutil.rmtree(entry[1], ignore_errors=True)

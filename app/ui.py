@@ -2,21 +2,28 @@
 
 `build(engine)` makes the Blocks app, `launch` serves it (the `mllm ui` command, app.cli, binds
 127.0.0.1 unless told otherwise) and never creates a public share link; `make_examples` writes the example images.
+
+Limits: Gradio's queue is sized from the engine's (`build`), uploads are capped per file (`launch`'s
+`max_file_size`, by default the API's per-image limit) and `launch` takes an optional login (`auth`).
+A conversation the engine forgot (the least recently used past its limit) is reported, never shown as a new
+empty chat; Export makes nothing when there is nothing to export, and the exports live in one `Exports`
+folder per process (the last few per browser session, all removed at exit).
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 from PIL import Image
 
-from app.conversation import Turn
+from app.api_request import MAX_IMAGE_BYTES
+from app.conversation import Exports, Turn
 from app.engine import ChatEngine
 from app.scheduling import ChatError
 from mllm.generation import GenerationConfig
@@ -24,6 +31,12 @@ from training.synth_scene import make_scene, render
 
 # System fonts: the default theme pulls Google Fonts, which an offline machine can't reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES  # per uploaded file: what the API takes per image
+EXPIRED = (
+    "this conversation expired: the server keeps only its most recent chats and forgot this one. "
+    "Press Clear to start a new one"
+)
+NOTHING_TO_EXPORT = "nothing to export yet: ask something and get an answer first"
 
 
 def make_examples(directory: Path) -> list[dict]:
@@ -80,14 +93,27 @@ def model_panel(info: dict) -> str:
     return "| Model | |\n|---|---|\n" + "\n".join(f"| {k} | `{v}` |" for k, v in rows)
 
 
-def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Path | None = None) -> gr.Blocks:
-    export_dir = export_dir or Path(".")
+def export_shelf(keep: int = 3) -> Exports:
+    """The process's export folder, inside Gradio's upload folder: Gradio serves a file there as it is, while
+    one from anywhere else is first copied into that folder, and the copy would outlive `Exports`' cleanup."""
+    return Exports(get_upload_folder(), keep=keep)
+
+
+def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Exports | None = None) -> gr.Blocks:
+    exports = exports or export_shelf()
 
     def gen_config(temperature, top_p, max_tokens) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
 
     def on_queue(position: int) -> None:
         gr.Info(f"Waiting for the model: number {position} in the queue")
+
+    def expired(conv) -> bool:
+        """True (and the user told so) when the engine no longer holds this page's conversation."""
+        if conv is None or engine.has_conversation(conv):
+            return False
+        gr.Warning(EXPIRED)
+        return True
 
     def play(conv: str, start, shown: list[Turn], pending: Turn, box) -> Iterator[tuple]:
         """Start a reply (`start()` -> engine Stream) and stream it into the chat; errors become warnings."""
@@ -108,6 +134,9 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Pa
         yield chat_messages(engine.history(conv)), gr.skip(), conv
 
     def respond(message: dict, conv, temperature, top_p, max_tokens):
+        if expired(conv):  # the message stays in the box and the old chat on screen
+            yield gr.skip(), gr.skip(), conv
+            return
         conv = conv or engine.new_conversation()
         text, files = message.get("text", ""), list(message.get("files", []))
         gen = gen_config(temperature, top_p, max_tokens)
@@ -116,6 +145,9 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Pa
         yield from play(conv, start, engine.history(conv), Turn(text, files, ""), empty)
 
     def regenerate(conv, temperature, top_p, max_tokens):
+        if expired(conv):
+            yield gr.skip(), gr.skip(), conv
+            return
         turns = engine.history(conv) if conv else []
         if not turns:
             gr.Warning("nothing to regenerate yet: ask something first")
@@ -129,6 +161,8 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Pa
             engine.cancel(conv)
 
     def undo(conv):
+        if expired(conv):
+            return gr.skip(), gr.skip()
         try:
             text, files = engine.undo(conv) if conv else ("", [])
         except ChatError as e:
@@ -140,18 +174,25 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Pa
     def clear(conv):
         if conv:
             engine.clear(conv)
-        return [], None
+        return [], None, None  # no conversation until the next message: the engine creates it then
 
-    def export(conv):
-        export_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="llava-", dir=export_dir))  # one folder per export: the zip holds just it
+    def export(conv, request: gr.Request):
+        if conv is None:  # asking the engine would create a conversation just to find it empty
+            gr.Warning(NOTHING_TO_EXPORT)
+            return gr.skip()
+        if expired(conv):
+            return gr.skip()
+        folder = exports.folder(request.session_hash)
         try:
-            path = engine.export_llava(conv or engine.new_conversation(), folder)
+            path = engine.export_llava(conv, folder / "llava")
         except ChatError as e:
-            shutil.rmtree(folder, ignore_errors=True)
+            exports.discard(folder)
             gr.Warning(str(e))
             return gr.skip()
-        return [shutil.make_archive(str(folder), "zip", folder), str(path)]
+        return [shutil.make_archive(str(folder / path.stem), "zip", path.parent), str(path)]
+
+    def forget_exports(request: gr.Request) -> None:
+        exports.drop(request.session_hash)
 
     with gr.Blocks(title="mllm: chat with images", analytics_enabled=False) as demo:
         conv = gr.State(None)
@@ -188,16 +229,34 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, export_dir: Pa
         # Stop goes through the engine (the decode loop checks the event between tokens), not Gradio's cancel.
         stop.click(stop_reply, [conv], None, queue=False)
         undo_btn.click(undo, [conv], [chatbot, box])
-        clear_btn.click(clear, [conv], [chatbot, download])
+        clear_btn.click(clear, [conv], [chatbot, download, conv])
         export_btn.click(export, [conv], [download])
-    return demo
+        demo.unload(forget_exports)  # the tab closed: its exports go
+    # Replies skip Gradio's line (concurrency_limit=None above): the engine runs max_concurrency of them, lets
+    # max_queue wait and refuses the rest at once. The other clicks wait in Gradio's line, which refuses a click
+    # ("queue is full") once it holds as many as the engine would take, instead of growing without end.
+    return demo.queue(
+        max_size=engine.max_concurrency + engine.max_queue, default_concurrency_limit=engine.max_concurrency
+    )
 
 
-def launch(demo: gr.Blocks, host: str, port: int, allowed: list[Path], block: bool = True):
-    return demo.queue().launch(
+def launch(
+    demo: gr.Blocks,
+    host: str,
+    port: int,
+    allowed: list[Path],
+    *,
+    auth: tuple[str, str] | None = None,
+    max_file_size: int = MAX_UPLOAD_BYTES,
+    block: bool = True,
+):
+    """Serve `demo`; `auth` (user, password) puts a login page in front, `max_file_size` caps each upload (bytes)."""
+    return demo.launch(
         server_name=host,
         server_port=port,
-        share=False,
+        share=False,  # never a public gradio.live link
+        auth=auth,
+        max_file_size=max_file_size,
         allowed_paths=[str(p) for p in allowed],
         theme=THEME,
         prevent_thread_lock=not block,

@@ -43,15 +43,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def app_url(tiny_model, tmp_path):
+def app_url(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and exports
     # ~30 ms a token: long enough to watch the answer grow and to press Stop half way.
     hook = tiny_model.llm.register_forward_hook(lambda *_: time.sleep(0.03))
-    engine = ChatEngine(tiny_model, name="tiny", gen=GenerationConfig(max_new_tokens=80))
-    demo = ui.build(engine, ui.make_examples(tmp_path / "examples"), export_dir=tmp_path / "exports")
+    # Two conversations kept: two newer ones make the engine forget the page's.
+    engine = ChatEngine(tiny_model, name="tiny", gen=GenerationConfig(max_new_tokens=80), max_conversations=2)
+    exports = ui.export_shelf()
+    demo = ui.build(engine, ui.make_examples(tmp_path / "examples"), exports=exports)
     port = _free_port()
     ui.launch(demo, "127.0.0.1", port, allowed=[tmp_path], block=False)
     yield f"http://127.0.0.1:{port}", engine
     demo.close()
+    exports.close()
     hook.remove()
 
 
@@ -123,6 +127,25 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
     page.wait_for_function("() => document.querySelector('#box textarea').value === 'what color is this?'")
     assert page.locator("#chat .bot").count() == 0
 
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
+    page.locator("#export").click()  # nothing to export: a message, and no conversation is made for it
+    page.get_by_text("nothing to export yet").first.wait_for(timeout=15_000)
+
+    _ask(page, "what color is this?", image)
+    page.wait_for_selector("#chat .bot", timeout=15_000)
+    _wait_until_still(page)
+    engine.new_conversation(), engine.new_conversation()  # the engine forgets the page's conversation
+    page.locator("#box textarea").fill("and now?")
+    page.locator("#box textarea").press("Enter")
+    page.get_by_text("this conversation expired").first.wait_for(timeout=15_000)
+    assert page.locator("#box textarea").input_value() == "and now?"  # nothing lost: the message waits
+    assert page.locator("#chat .bot").count() == 1  # the old chat stays on screen
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
+    page.locator("#box textarea").press("Enter")  # the same message starts a new conversation
+    page.wait_for_selector("#chat .bot", timeout=15_000)
+    _wait_until_still(page)
     page.locator("#clear").click()
     page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
 
