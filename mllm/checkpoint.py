@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mllm.assembly import assemble
-from mllm.atomic import atomic_directory
+from mllm.atomic import atomic_directory, recover
 from mllm.config import CONFIG_FILE, SMOLLM2, MLLMConfig
 from mllm.errors import CheckpointError
 from mllm.model import MLLM
@@ -92,6 +92,7 @@ def load_pretrained(
 def read_config(directory: str | Path, quantization: str | None = None) -> MLLMConfig:
     """The checkpoint's config, checkpoint-relative paths resolved, `quantization` applied if given."""
     directory = Path(directory)
+    recover(directory)  # a kill between the two renames of a save left it as .NAME.old
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist; give an mllm checkpoint or 'default'")
     if not (directory / CONFIG_FILE).is_file():

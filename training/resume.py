@@ -11,8 +11,9 @@ A checkpoint directory is an mllm checkpoint (loadable with `--init` or `mllm ch
 accelerate pickles the optimizer and RNG state (torch.save) and reads them back with weights_only=True.
 The data position is the optimizer step (`training.batches.StepBatches`), so no sampler state is saved.
 
-Everything is written into `.checkpoint-STEP.tmp/` and swapped in: a kill mid-save leaves the earlier
-checkpoints intact. trainer_state.json is written last, and a directory without it is never resumed from.
+Everything is written into `.checkpoint-STEP.tmp/`, fsynced and swapped in (`mllm.atomic`): a kill mid-save
+leaves the earlier checkpoints intact. trainer_state.json is written last, and a directory without it is never
+resumed from.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mllm.atomic import swap_in
+from mllm.atomic import recover, swap_in
 from mllm.checkpoint import save_pretrained
 
 STATE_FILE = "trainer_state.json"
@@ -87,6 +88,8 @@ def save_checkpoint(output: Path, model, stage, state: dict, accelerator: Accele
 
 
 def latest_checkpoint(output: Path) -> Path | None:
+    for old in Path(output).glob(".checkpoint-*.old"):  # a kill mid-swap left one aside: put it back first
+        recover(old.with_name(old.name[1 : -len(".old")]))
     found = [
         (int(m.group(1)), p)
         for p in Path(output).glob("checkpoint-*")
@@ -131,6 +134,6 @@ def restore_checkpoint(path: Path, accelerator: Accelerator) -> None:
         print(f"mllm train: {path} has no RNG state for rank {rank}; dropout masks will differ", file=sys.stderr)
     hook = accelerator.register_load_state_pre_hook(_load_trainable)
     try:
-        accelerator.load_state(path / ACCELERATE_DIR)
+        accelerator.load_state(path / ACCELERATE_DIR, load_kwargs={"weights_only": True})
     finally:
         hook.remove()
