@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from mllm.atomic import atomic_directory
+from mllm.atomic import atomic_directory, recover
 from mllm.config import SMOLLM2, LLMConfig, LoraConfig
 from mllm.errors import CheckpointError
 from mllm.hf_checkpoints import detect_format, quiet_loading
-from mllm.hub import local_path
+from mllm.hub import local_path, require_safetensors, require_safetensors_adapter
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -78,12 +78,14 @@ def smollm2_gguf_dir() -> Path:
 def ensure_smollm2() -> Path:
     """Return a plain transformers directory for SmolLM2-135M-Instruct, converting the GGUF on first use."""
     target = cache_root() / SMOLLM2
+    recover(target)  # a kill mid-way through an earlier conversion's swap
     if (target / "model.safetensors").is_file():
         return target
     from transformers import LlamaConfig, LlamaForCausalLM
 
     source = smollm2_gguf_dir()
     print(f"mllm: converting {SMOLLM2_GGUF} to safetensors in {target} (once, ~30 s)", file=sys.stderr)
+    # GGUF is a plain tensor format (no pickle, no code), read by the `gguf` package: safe like safetensors.
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     config_dict = gguf_model.config.to_dict()
@@ -148,9 +150,10 @@ def load_llm(
     path = weights_path or resolve_llm_path(cfg.path)
     if not Path(path).exists() and cfg.path != SMOLLM2 and Path(cfg.path).is_absolute():
         raise FileNotFoundError(f"llm.path {cfg.path} does not exist; give a model directory or a hub id")
+    require_safetensors(path)  # before anything is read: pickled weights are refused by name
     dtype = dtype or compute_dtype(cfg, device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    kwargs = dict(dtype=dtype, trust_remote_code=False)
+    kwargs = dict(dtype=dtype, trust_remote_code=False, use_safetensors=True)
     fmt = detect_format(path)
     if fmt is not None:
         config = config.text_config
@@ -193,6 +196,9 @@ def attach_lora(model, lora: LoraConfig, adapter_path: str | None = None, traina
     from peft import PeftModel, get_peft_model
 
     if adapter_path is not None:
+        # peft has no safetensors-only switch: it reads adapter_model.safetensors when it is there, and only
+        # then falls back to unpickling adapter_model.bin, so its presence is what keeps pickles out.
+        require_safetensors_adapter(adapter_path)
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
     peft_cfg = PeftLoraConfig(
         r=lora.r,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mllm.assembly import build_model, pick_device
+from mllm.atomic import recover
 from mllm.checkpoint import load_pretrained, with_quantization
 from mllm.config import CONFIG_FILE, MLLMConfig
 from mllm.errors import CheckpointError
@@ -34,9 +35,10 @@ CPU_DEFAULT_QUANTIZATION = "int4"
 
 def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
     """`default` (the built-in demo model), an mllm checkpoint directory, or a transformers LLaVA / BLIP-2 /
-    InstructBLIP directory, or any of these by hub id (`org/name`, `org/name@revision`: `mllm.hub`). `quantization` (none | 8bit | 4bit | int4) overrides the stored setting; left
-    out, a CPU load is `int4` (`CPU_DEFAULT_QUANTIZATION`) and a CUDA load keeps the stored setting."""
-    name = local_path(name)  # a hub id (`org/name[@revision]`) becomes its downloaded snapshot
+    InstructBLIP directory, or any of these by hub id (`org/name`, `org/name@revision`: `mllm.hub`); a path that
+    does not exist is a CheckpointError. `quantization` (none | 8bit | 4bit | int4) overrides the stored setting;
+    left out, a CPU load is `int4` (`CPU_DEFAULT_QUANTIZATION`) and a CUDA load keeps the stored setting."""
+    name = _resolve(name)
     if quantization is None and pick_device(device).type == "cpu":
         quantization = CPU_DEFAULT_QUANTIZATION
     if name in BUILTIN:
@@ -66,7 +68,21 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
 def load_processor(name: str = "default") -> Processor:
     """The processor of `load_model(name)`'s model on its own (mllm checkpoints and `default`: no weights are
     read; a transformers directory's processor is the one its import makes)."""
-    directory = BUILTIN[name] if name in BUILTIN else Path(local_path(name))
+    directory = BUILTIN[name] if name in BUILTIN else Path(_resolve(name))
     if (directory / CONFIG_FILE).is_file():
         return Processor.from_pretrained(directory)
     return load_model(name, device="cpu", quantization="none").processor
+
+
+def _resolve(name: str) -> str:
+    """A built-in name as it is; a hub id (`org/name[@revision]`) as its downloaded snapshot; a local directory
+    as its path, put back first if a kill mid-save left it aside (`mllm.atomic.recover`). Anything else is a
+    missing directory, said so here rather than tried as a hub id or read as an empty checkpoint."""
+    if name in BUILTIN:
+        return name
+    name = local_path(name)  # a hub id becomes its snapshot; a NUL byte is refused
+    directory = Path(name).expanduser()
+    recover(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{name}: no such directory; check the path (hub ids are org/name)")
+    return str(directory)

@@ -39,7 +39,7 @@ from transformers import (
 
 from mllm.config import VisionConfig
 from mllm.hf_checkpoints import quiet_loading
-from mllm.hub import local_path
+from mllm.hub import local_path, require_safetensors
 
 Triple = tuple[float, float, float]
 
@@ -203,6 +203,7 @@ class HFVisionTower(VisionTower):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         path = local_path(cfg.path)  # a hub id: its safetensors-only snapshot
+        require_safetensors(path)  # a local directory of pickled weights: refused by name, before any read
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except OSError as e:
@@ -232,7 +233,12 @@ class HFVisionTower(VisionTower):
         # From a full checkpoint the text half is "unexpected" by design (missing tower weights are checked below).
         with quiet_loading() if key_mapping is not None else contextlib.nullcontext():
             model, info = model_cls.from_pretrained(
-                path, config=config, key_mapping=key_mapping, dtype=torch.float32, output_loading_info=True
+                path,
+                config=config,
+                key_mapping=key_mapping,
+                dtype=torch.float32,
+                output_loading_info=True,
+                use_safetensors=True,
             )
         if missing := sorted(info["missing_keys"]):
             # A tower with randomly initialised layers would train and run without any other sign of trouble.

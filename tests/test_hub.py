@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -18,18 +19,59 @@ def _files(directory, files: dict[str, str]):
     return directory
 
 
-def test_what_counts_as_a_hub_id(tmp_path):
+def test_what_counts_as_a_hub_id(tmp_path, monkeypatch):
     assert is_hub_id("llava-hf/llava-1.5-7b-hf") and is_hub_id("org/name@v1.0") and is_hub_id("org/name@refs/pr/3")
     assert not is_hub_id("default") and not is_hub_id("./runs/ckpt") and not is_hub_id("/abs/path")
+    assert not is_hub_id("~/runs/ckpt") and not is_hub_id("runs/instruct/checkpoint-3")
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "name").mkdir()
     assert local_path(str(tmp_path / "org" / "name")) == str(tmp_path / "org" / "name")  # a path stays a path
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("runs/instruct")  # `org/name` alone reads as a hub id ...
+    (tmp_path / "runs").mkdir()
+    assert not is_hub_id("runs/instruct")  # ... unless its first part is a directory here
+
+
+@pytest.mark.parametrize(
+    "name", ["runs/instruct", "./runs/instruct", "runs/instruct/final", "~/no-such-run-dir", "typo"]
+)
+def test_a_missing_local_directory_is_said_so_not_looked_up_on_the_hub(offline_hub, tmp_path, monkeypatch, name):
+    from mllm.loading import load_model, load_processor
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for load in (load_model, load_processor):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(name)}: no such directory; check the path \(hub ids"):
+            load(name)
+
+
+def test_a_nul_byte_in_a_model_name_is_a_checkpoint_error(offline_hub):
+    from mllm.loading import load_model, load_processor
+
+    for load in (load_model, load_processor, local_path):
+        with pytest.raises(CheckpointError, match="NUL byte"):
+            load("runs/a\0b")
+
+
+def test_the_hub_never_lets_a_pickled_adapter_through():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mllm.hub import ALLOWED
+
+    repo = ["adapter/adapter_model.bin", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "llm/model.safetensors", "llm/pytorch_model.bin", "training_args.bin", "modeling_x.py"]  # fmt: skip
+    fetched = set(filter_repo_objects(repo, allow_patterns=list(ALLOWED)))
+    assert fetched == {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "llm/model.safetensors"}
 
 
 def test_a_repository_with_only_pickled_weights_is_refused(offline_hub, tmp_path):
     old = _files(tmp_path / "old", {"config.json": json.dumps({"model_type": "llava"}), "pytorch_model.bin": "x"})
     offline_hub.publish("someone/old-model", old)
-    with pytest.raises(CheckpointError, match=r"only as pickle files \(pytorch_model.bin\).*safe_serialization=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"only as pickle files \(pytorch_model.bin\).*AutoModel.from_pretrained\('someone/old-model'\)"
+        r".save_pretrained\('old-model-safetensors'\)",
+    ):
         local_path("someone/old-model")
 
 

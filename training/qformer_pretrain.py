@@ -32,6 +32,7 @@ from torch import nn
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerIntermediate, Blip2QFormerOutput
 
 from mllm.connectors import QFormerConnector
+from mllm.hub import require_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class QFormerPretrainer(nn.Module):
         """
         from transformers import AutoModel
 
-        source = AutoModel.from_pretrained(directory)
+        require_safetensors(directory)  # pickled weights are refused by name, with the command that converts them
+        source = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=False)
         state, bert_heads = source.state_dict(), source.config.num_attention_heads
         prefix = "embeddings.word_embeddings.weight"
         if prefix not in state or "encoder.layer.0.attention.self.query.weight" not in state:
