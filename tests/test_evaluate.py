@@ -68,6 +68,7 @@ def test_markdown_table_lists_every_type():
 
 # ---- runs: resumable answers files, LLaVA formats, the score subcommand ------------------------------
 import json  # noqa: E402
+import re  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def _eval(ckpt, paths, *extra):
                  "--max-new-tokens", "4", "--limit", "8", *extra])  # fmt: skip
 
 
-def test_a_killed_eval_resumes_to_the_same_scores(shapes, tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_a_killed_eval_resumes_to_the_same_scores(shapes, tiny_ckpt, tmp_path, capsys, monkeypatch, caplog):
     from training import eval_files
 
     root, paths = shapes
@@ -119,10 +120,15 @@ def test_a_killed_eval_resumes_to_the_same_scores(shapes, tiny_ckpt, tmp_path, c
     monkeypatch.setattr(eval_files.AnswerWriter, "write", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "resumed.jsonl"))
-    assert len((tmp_path / "resumed.jsonl").read_text().splitlines()) == 3
+    answers = tmp_path / "resumed.jsonl"
+    assert len(answers.read_text().splitlines()) == 3
+    fourth = (tmp_path / "full.jsonl").read_text().splitlines()[3]
+    with answers.open("a") as f:
+        f.write(fourth[: len(fourth) // 2])  # and it was killed in the middle of writing the fourth
     monkeypatch.setattr(eval_files.AnswerWriter, "write", real_write)
     capsys.readouterr()
-    assert _eval(tiny_ckpt, paths, "--answers-file", str(tmp_path / "resumed.jsonl")) == 0
+    assert _eval(tiny_ckpt, paths, "--answers-file", str(answers)) == 0
+    assert f"{answers}: dropped line 4, cut off mid-write" in caplog.text
     assert capsys.readouterr().out == uninterrupted  # the same per-type table
     lines = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and len({row["question_id"] for row in lines}) == 8  # nothing answered twice
@@ -183,3 +189,49 @@ def test_score_subcommand_errors_are_one_line(tmp_path):
 
         _main(["score", "--task", "vqav2", "--answers", str(tmp_path / "a.jsonl")])
     assert main(["score", "--task", "pope", "--answers", str(tmp_path / "missing.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data", "--answers-file", "--output"])
+def test_a_nul_byte_in_a_path_is_one_line_not_a_traceback(tmp_path, capsys, flag):
+    from training.evaluate import main
+
+    args = {"--model": "default", "--data": str(tmp_path / "rows.json"), "--answers-file": str(tmp_path / "a.jsonl")}
+    args[flag] = str(tmp_path / "x\0y")
+    assert main([item for pair in args.items() for item in pair]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{flag} holds a NUL byte" in err
+
+
+def test_only_a_torn_last_answer_is_forgiven(tmp_path, caplog, monkeypatch):
+    import os
+
+    from training.data import DataError
+    from training.eval_files import AnswerWriter, read_answers
+
+    path = tmp_path / "answers.jsonl"
+    one, two = (
+        json.dumps({"question_id": 1, "text": "red"}),
+        json.dumps({"question_id": 2, "text": "a\u2028b"}, ensure_ascii=False),
+    )
+    path.write_text(f"{one}\n{two[:-4]}\n{two}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON"):  # in the middle: an error
+        read_answers(path)
+
+    path.write_bytes(f"{one}\n{two}\n{one[:9]}".encode() + b"\0" * 5)  # torn, and padded with NULs by a crash
+    assert set(read_answers(path)) == {"1", "2"} and "dropped line 3" in caplog.text
+    assert read_answers(path)["2"]["text"] == "a\u2028b"  # a line separator inside an answer is not a line break
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    writer = AnswerWriter(path, "m")  # cuts the torn line off before appending
+    writer.write(3, "p", "blue")
+    writer.close()
+    assert synced[-1] == path.stat().st_ino  # each answer on disk before the next question
+    assert set(read_answers(path)) == {"1", "2", "3"}
+
+    path.write_text(
+        f"{one}\n{two}", encoding="utf-8"
+    )  # whole, only its newline missing: kept, and the writer adds the newline
+    assert set(read_answers(path)) == {"1", "2"}
+    AnswerWriter(path, "m").close()
+    assert path.read_text(encoding="utf-8") == f"{one}\n{two}\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,18 +212,39 @@ def test_instruct_overfits(run, tmp_path, settings):
     assert ("adapter" in saved) == (settings["llm"] == "lora") and ("llm" in saved) == (settings["llm"] == "full")
 
 
-def test_killed_run_resumes_exactly(run, tmp_path):
+def test_killed_run_resumes_exactly(run, tmp_path, caplog):
     # LoRA dropout on and 2 micro-batches a step: resuming must restore RNG and the data position.
     settings = {**INSTRUCT_LORA, "lora_dropout": 0.1, "per_device_batch_size": 2, "warmup_ratio": 0.2}
-    run("killed", max_steps=3, **settings)  # "killed" after step 3
+    run("killed", max_steps=3, **settings)  # "killed" after step 3 ...
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "loss": 2.07')  # ... while writing step 4's line
     state = json.loads((tmp_path / "killed" / "checkpoint-3" / "trainer_state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"], state["sampler_seed"]) == (1, 1, 0)
     resumed, resumed_model = run("killed", max_steps=6, resume=True, **settings)
+    assert f"{metrics}: dropped line 4, cut off mid-write" in caplog.text
     whole, whole_model = run("whole", max_steps=6, **settings)
     assert max_diff(trainable_state(resumed_model), trainable_state(whole_model)) <= 1e-6
     assert resumed.losses == pytest.approx(whole.losses[3:], abs=1e-6)
-    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_lines_are_durable_and_only_a_torn_last_one_is_forgiven(tmp_path, monkeypatch):
+    from training.run_output import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    metrics = Metrics(path, keep_until=0, enabled=True)
+    for step in (1, 2, 3):
+        metrics.write(step=step, loss=1.0)
+        assert synced[-1] == path.stat().st_ino  # each line on disk before training goes on
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:-3], lines[2], ""]))  # a bad line in the middle
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON"):
+        Metrics(path, keep_until=3, enabled=True)
 
 
 def test_resume_refuses_other_settings_and_missing_checkpoints(run):
@@ -391,6 +413,8 @@ def test_cli_reports_bad_data_and_settings(train_config, shapes, tmp_path, capsy
     assert "r1: image file 'missing.png' not found" in capsys.readouterr().err
     assert train_main(cli_args(train_config, shapes, tmp_path, "--output", str(tmp_path / "o"), "--set", "lr=1")) == 2
     assert "unknown stage key(s) ['lr']" in capsys.readouterr().err
+    assert train_main(cli_args(train_config, shapes, tmp_path, "--output", str(tmp_path / "o\0"))) == 2
+    assert "--output holds a NUL byte" in capsys.readouterr().err
 
 
 # ---- multi-process -------------------------------------------------------------------------------

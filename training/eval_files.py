@@ -13,34 +13,56 @@ POPE / MME label files. Plain readers and one append-only writer; no model here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
+from mllm.atomic import append_durably
 from training.data import DataError
 
+logger = logging.getLogger(__name__)
 
-def read_json_lines(path: str | Path) -> list[dict]:
-    """A JSON list, or one JSON object per line (blank lines skipped); a bad line is named with its number."""
+
+def read_json_lines(path: str | Path, appended: bool = False) -> list[dict]:
+    """A JSON list, or one JSON object per line (blank lines skipped); a bad line is named with its number.
+
+    `appended`: a file written one line at a time (an answers file, metrics.jsonl), where a kill mid-write leaves
+    the last line cut short. That line is dropped, with a warning naming the file; a bad line anywhere else is
+    still an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); one JSON object per line") from e
+    data = path.read_bytes()
+    rows = _json_list(path, data) if data.lstrip().startswith(b"[") else _json_lines(path, data, appended)
     if not all(isinstance(row, dict) for row in rows):
         raise DataError(f"{path}: every entry must be a JSON object")
+    return rows
+
+
+def _json_list(path: Path, data: bytes) -> list:
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from e
+
+
+def _json_lines(path: Path, data: bytes, appended: bool) -> list:
+    # Split on newlines only: str.splitlines would also split inside an answer holding U+2028 or U+0085.
+    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:  # not JSON, or a multi-byte character cut in two
+            if appended and number == lines[-1][0]:
+                logger.warning("%s: dropped line %d, cut off mid-write by a killed run", path, number)
+                break
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise DataError(f"{path}:{number}: not valid JSON ({why}); each line must be one JSON object") from e
     return rows
 
 
@@ -58,11 +80,12 @@ def read_questions(path: str | Path) -> list[dict]:
 
 
 def read_answers(path: str | Path) -> dict[str, dict]:
-    """An answers file by question_id (a later line for the same id wins, as a resumed run appends)."""
+    """An answers file by question_id (a later line for the same id wins, as a resumed run appends; a last line
+    a kill cut short is dropped)."""
     if not Path(path).is_file():
         return {}
     answers = {}
-    for row in read_json_lines(path):
+    for row in read_json_lines(path, appended=True):
         if "question_id" not in row or "text" not in row:
             raise DataError(f"{path}: an answer lacks question_id or text (LLaVA's answer format)")
         answers[str(row["question_id"])] = row
@@ -91,19 +114,47 @@ def read_labels(path: str | Path) -> dict[str, dict]:
 
 
 class AnswerWriter:
-    """Appends LLaVA-format answers one line at a time, flushed to disk, so a killed run keeps what it has."""
+    """Appends LLaVA-format answers one line at a time, each on disk before the next question, so a killed run
+    keeps all it has answered (and loses at most the line being written)."""
 
     def __init__(self, path: str | Path, model_id: str):
         self.path, self.model_id = Path(path), model_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _end_at_a_line(self.path)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, question_id, prompt: str, text: str, metadata: dict | None = None) -> None:
         row = {"question_id": question_id, "prompt": prompt, "text": text, "answer_id": uuid.uuid4().hex,
                "model_id": self.model_id, "metadata": metadata or {}}  # fmt: skip
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        append_durably(self._file, json.dumps(row, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         self._file.close()
+
+
+def _end_at_a_line(path: Path) -> None:
+    """Make an answers file end with a complete line before more is appended: a torn last line (the one
+    `read_answers` drops) is cut off, a complete one missing its newline gets it. Otherwise the next answer
+    would be glued onto it, a bad line in the middle of the file."""
+    if not path.is_file():
+        return
+    with path.open("r+b") as f:
+        data = f.read()
+        content = data.rstrip()
+        start = content.rfind(b"\n") + 1  # where the last line begins
+        if not content or (data.endswith(b"\n") and _is_json(content[start:])):
+            return
+        if _is_json(content[start:]):
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True

@@ -231,6 +231,8 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=1, help="questions decoded together (through the serving engine)")
     args = p.parse_args(argv)
+    if nul := [name for name, value in vars(args).items() if "\0" in str(value)]:  # the OS would raise ValueError
+        p.error(f"--{nul[0].replace('_', '-')} holds a NUL byte, which no path can; check it")
     if args.questions and not args.answers_file:
         raise UsageError("mllm eval --questions needs --answers-file (where the answers go, in LLaVA's format)")
     if args.batch_size < 1:

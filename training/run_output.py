@@ -9,8 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+from mllm.atomic import append_durably, fsync_directory, write_text_durably
 from mllm.checkpoint import save_pretrained
 from mllm.config import CONFIG_FILE
+from training.eval_files import read_json_lines
 
 # Model files that exist only for some tune settings: stale ones must not survive a new final save.
 OPTIONAL_MODEL_FILES = ("vision.safetensors", "adapter", "llm")
@@ -29,28 +31,32 @@ def save_final_model(model, output: Path) -> None:
             target = output / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+        if entry.name == CONFIG_FILE:
+            fsync_directory(output)  # the other files' renames are on disk before the config's can be
         target = output / entry.name
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(entry, target)
+    fsync_directory(output)
     tmp.rmdir()
 
 
 class Metrics:
-    """metrics.jsonl; on resume, lines past the checkpoint's step are dropped."""
+    """metrics.jsonl: each record a line, on disk before training goes on (a kill loses at most the line being
+    written). On resume the lines past the checkpoint's step are dropped, and a last line cut short by the kill
+    with a warning (`read_json_lines(appended=True)`); any other bad line is an error naming it."""
 
     def __init__(self, path: Path, keep_until: int, enabled: bool):
         self.path, self.enabled = path, enabled
-        if enabled and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif enabled:
-            path.write_text("")
+        if enabled:
+            resumed = keep_until > 0 and path.is_file()
+            kept = [r for r in read_json_lines(path, appended=True) if r["step"] <= keep_until] if resumed else []
+            write_text_durably(path, "".join(json.dumps(r) + "\n" for r in kept))  # one step: a kill keeps all
 
     def write(self, **record) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            with self.path.open("a", encoding="utf-8") as f:
+                append_durably(f, json.dumps(record) + "\n")
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -60,7 +66,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = read_json_lines(metrics_path, appended=True)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

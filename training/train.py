@@ -49,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.stage and not args.config:
         p.error("give --stage (or --config)")
+    if nul := [name for name, value in vars(args).items() if "\0" in str(value)]:  # the OS would raise ValueError
+        p.error(f"--{nul[0].replace('_', '-')} holds a NUL byte, which no path can; check it")
     return args
 
 
