@@ -339,7 +339,8 @@ def stream(
 ) -> Iterator[str]:
     """Stream the assistant's reply to `messages` as text pieces (a cancelled reply ends early)."""
     gen = gen or GenerationConfig(**gen_kwargs)
-    pieces = reply(model, model.processor.encode(messages, images, add_generation_prompt=True), gen, cancel)
+    encoded = model.processor.encode(messages, images, add_generation_prompt=True, labels=False)
+    pieces = reply(model, encoded, gen, cancel)
     yield from filter(None, pieces)  # no empty prefill-progress pieces
 
 

@@ -5,7 +5,8 @@ A message is `{"role": "system"|"user"|"assistant", "content": str | list[part]}
 String content may carry `<image>` placeholders instead (LLaVA data); their images are then
 passed separately, in order. Each placeholder becomes `tokens_per_image` image-token ids.
 Labels keep the assistant spans only (the reply and the template's end-of-turn text, so the
-model learns to stop); everything else is IGNORE_INDEX.
+model learns to stop); everything else is IGNORE_INDEX. Encoding a prompt to generate from asks for no labels
+(`labels=False`): locating the assistant spans is then skipped.
 
 With a `qformer_tokenizer` (an InstructBLIP-style Q-Former that reads text), each image also gets its
 instruction: the text of the message holding it, placeholders removed (what InstructBlipProcessor is given),
@@ -16,22 +17,34 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mllm.config import CONFIG_FILE, MLLMConfig
 from mllm.errors import CheckpointError, ContextLengthError, MessageError, TooManyImagesError
 from mllm.image_processing import ImageProcessor
-from mllm.templates import end_of_turn_text, render
+from mllm.templates import end_of_turn_text, render, reply_opening
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # checkpoint subfolder of the Q-Former's tokenizer
 TEMPLATE_FILE = "template.jinja"
 IMAGE_PROCESSOR_FILE = "image_processor.json"
+# Private-use code points around each reply in the marked render; a conversation holding one is not marked.
+SPAN_OPEN, SPAN_CLOSE = "\ue000", "\ue001"
+MARKER = re.compile(f"[{SPAN_OPEN}{SPAN_CLOSE}]")
+# Role orders on which a template's marked spans must equal its prefix renders' before they are used: a template
+# whose later turns change earlier ones (a system prompt moved into the last user turn) shows it on them.
+PROBE_CONVERSATIONS = (
+    ("user", "assistant", "user", "assistant", "user"),
+    ("system", "user", "assistant", "user", "assistant", "user", "assistant"),
+    ("assistant", "user", "assistant"),
+)
 
 
 @dataclass
@@ -174,32 +187,19 @@ class Processor:
             )
         return flat, sources
 
-    def _supervised_spans(self, flat: list[dict], text: str) -> list[tuple[int, int]]:
-        """Character spans of `text` written by the assistant, found by rendering prefixes."""
-        spans = []
-        for i, message in enumerate(flat):
-            if message["role"] != "assistant":
-                continue
-            # A conversation may open with the assistant: nothing comes before it (templates refuse to render none).
-            before = render(self.tokenizer, self.template, flat[:i], add_generation_prompt=True) if i else ""
-            upto = render(self.tokenizer, self.template, flat[: i + 1], add_generation_prompt=False)
-            if not (upto.startswith(before) and text.startswith(upto)):
-                raise ValueError(
-                    "the chat template is not prefix-stable (rendering a conversation changes its earlier "
-                    "turns), so assistant spans can't be located; use a named template such as 'chatml'"
-                )
-            spans.append((len(before), len(upto)))
-        return spans
-
     def encode(
         self,
         messages: list[dict],
         images: list | None = None,
         add_generation_prompt: bool = False,
         truncate: bool = False,
+        *,
+        labels: bool = True,
     ) -> Encoded:
         """Tokenize one conversation; image placeholders expanded, labels on assistant spans.
 
+        `labels=False` (generation) leaves every label IGNORE_INDEX: locating the assistant spans is the costly
+        part of encoding a long conversation, and a reply to generate has no use for them.
         Over `max_length`: raise (serving) or cut at the end (`truncate`, training), never inside an image.
         """
         flat, sources = self._flatten(messages, images)
@@ -207,31 +207,113 @@ class Processor:
             self._check_size(flat)
         qformer_ids = self._qformer_ids(flat) if self.qformer_tokenizer is not None else None
         text = render(self.tokenizer, self.template, flat, add_generation_prompt)
-        spans = self._supervised_spans(flat, text)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, labels = [], []
-        span_i = 0
-        for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            while span_i < len(spans) and start >= spans[span_i][1]:
-                span_i += 1
-            supervised = span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]
-            if token_id == self.image_token_id:
-                ids.extend([token_id] * self.tokens_per_image)
-                labels.extend([IGNORE_INDEX] * self.tokens_per_image)
-            else:
-                ids.append(token_id)
-                labels.append(token_id if supervised else IGNORE_INDEX)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=labels)
+        if labels:
+            spans = self._supervised_spans(flat, text, add_generation_prompt)
+            supervised = _starts_inside(enc["offset_mapping"], spans)
+        else:
+            supervised = [False] * len(enc["input_ids"])
+        ids, targets = self._expand_images(enc["input_ids"], supervised)
         if self.max_length is not None and len(ids) > self.max_length:
             if not truncate:
                 raise ContextLengthError(
                     f"the conversation is {len(ids)} tokens, over this model's limit of {self.max_length}; "
                     "start a new conversation (reset) or shorten the messages"
                 )
-            ids, labels, sources = self._truncate(ids, labels, sources)
+            ids, targets, sources = self._truncate(ids, targets, sources)
             qformer_ids = None if qformer_ids is None else qformer_ids[: len(sources)]
         return Encoded(
-            torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), sources, qformer_ids
+            torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long), sources, qformer_ids
         )
+
+    def _expand_images(self, token_ids: list[int], supervised: list[bool]) -> tuple[list[int], list[int]]:
+        """(ids, labels): each image placeholder becomes `tokens_per_image` slots, never supervised."""
+        ids, targets = [], []
+        for token_id, learn in zip(token_ids, supervised):
+            if token_id == self.image_token_id:
+                ids.extend([token_id] * self.tokens_per_image)
+                targets.extend([IGNORE_INDEX] * self.tokens_per_image)
+            else:
+                ids.append(token_id)
+                targets.append(token_id if learn else IGNORE_INDEX)
+        return ids, targets
+
+    # ---- assistant spans ----------------------------------------------------------------------
+    # A reply's span is what rendering prefixes says the assistant wrote: from the end of the conversation before
+    # it, with the generation prompt, to the end of the conversation up to it (the reply and its end-of-turn
+    # text). Two renders per reply make that quadratic in the turns, so the spans come from one render with every
+    # reply between markers wherever that is known to agree: the markers change nothing else, each reply sits
+    # between the same opening and end-of-turn text as in a probe conversation, and on probe conversations the two
+    # ways give the same spans. Elsewhere the prefixes are rendered, reply by reply.
+    def _supervised_spans(self, flat: list[dict], text: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+        """Character spans of `text` (`flat` rendered) written by the assistant."""
+        replies = [i for i, message in enumerate(flat) if message["role"] == "assistant"]
+        if not replies:
+            return []
+        spans = self._marked_spans(flat, text, replies, add_generation_prompt) if self._marks_replies else None
+        return spans if spans is not None else [self._prefix_span(flat, text, i) for i in replies]
+
+    def _prefix_span(self, flat: list[dict], text: str, i: int) -> tuple[int, int]:
+        """The span of the reply `flat[i]` in `text`, from two renders of the conversation before and up to it."""
+        # A conversation may open with the assistant: nothing comes before it (templates refuse to render none).
+        before = render(self.tokenizer, self.template, flat[:i], add_generation_prompt=True) if i else ""
+        upto = render(self.tokenizer, self.template, flat[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError(
+                "the chat template is not prefix-stable (rendering a conversation changes its earlier "
+                "turns), so assistant spans can't be located; use a named template such as 'chatml'"
+            )
+        return len(before), len(upto)
+
+    def _marked_spans(
+        self, flat: list[dict], text: str, replies: list[int], add_generation_prompt: bool
+    ) -> list[tuple[int, int]] | None:
+        """The spans of the `replies` (indices in `flat`) from one render with each reply between markers, or
+        None where that render can't be trusted to agree with `_prefix_span`."""
+        opening, tail = self._reply_frame
+        if opening is None or any(SPAN_OPEN in m["content"] or SPAN_CLOSE in m["content"] for m in flat):
+            return None
+        prompt, lead = opening
+        marked = [
+            {**m, "content": SPAN_OPEN + m["content"] + SPAN_CLOSE} if m["role"] == "assistant" else m for m in flat
+        ]
+        contents = _marked_contents(render(self.tokenizer, self.template, marked, add_generation_prompt), text)
+        if contents is None or len(contents) != len(replies):
+            return None
+        spans = []
+        for i, (start, end) in zip(replies, contents):
+            # Framed as in the probe: the generation prompt and the lead before the reply (nothing before one that
+            # opens the conversation: its span starts the text), the end-of-turn text after it.
+            if (i > 0 and not text.endswith(prompt + lead, 0, start)) or not text.startswith(tail, end):
+                return None
+            spans.append((start - len(lead) if i > 0 else 0, end + len(tail)))
+        return spans
+
+    @functools.cached_property
+    def _marks_replies(self) -> bool:
+        """Whether this template's spans may come from the marked render: on each probe conversation that it
+        renders, they must equal the prefix renders'. A template that rewrites earlier turns as later ones come
+        (Mistral's moves the system prompt into the last user turn) can pass a conversation's own checks, not
+        these."""
+        for roles in PROBE_CONVERSATIONS:
+            flat = [{"role": role, "content": f"{role} {k}"} for k, role in enumerate(roles)]
+            replies = [k for k, role in enumerate(roles) if role == "assistant"]
+            for add_generation_prompt in (False, True):
+                try:
+                    text = render(self.tokenizer, self.template, flat, add_generation_prompt)
+                    expected = [self._prefix_span(flat, text, i) for i in replies]
+                except TemplateError:
+                    continue  # a conversation the template refuses (a strict role order) says nothing
+                except ValueError:
+                    return False  # not prefix-stable
+                if self._marked_spans(flat, text, replies, add_generation_prompt) != expected:
+                    return False
+        return True
+
+    @functools.cached_property
+    def _reply_frame(self) -> tuple[tuple[str, str] | None, str]:
+        """What the template writes before a reply (see `reply_opening`) and after it."""
+        return reply_opening(self.tokenizer, self.template), end_of_turn_text(self.tokenizer, self.template)
 
     def _check_size(self, flat: list[dict]) -> None:
         """Refuse a conversation too long for the context from its length in characters, before rendering
@@ -350,6 +432,28 @@ class Processor:
             "resize_mode": self.image_processor.resize_mode,
         }
         (directory / IMAGE_PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _marked_contents(marked: str, text: str) -> list[tuple[int, int]] | None:
+    """Per marked reply, its (start, end) in `text`; None unless the markers alternate open, close and
+    `marked` without them is `text` (markers that changed the rendering, or were dropped, say nothing)."""
+    markers = [(match.start(), match.group()) for match in MARKER.finditer(marked)]
+    if "".join(kind for _, kind in markers) != (SPAN_OPEN + SPAN_CLOSE) * (len(markers) // 2):
+        return None
+    if MARKER.sub("", marked) != text:
+        return None
+    positions = [at - n for n, (at, _) in enumerate(markers)]  # in `text`: the n markers before are gone
+    return list(zip(positions[::2], positions[1::2]))
+
+
+def _starts_inside(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (its character offsets), whether it starts inside one of the sorted `spans`."""
+    inside, span_i = [], 0
+    for start, _end in offsets:
+        while span_i < len(spans) and start >= spans[span_i][1]:
+            span_i += 1
+        inside.append(span_i < len(spans) and spans[span_i][0] <= start)
+    return inside
 
 
 def _checked_text(text, where: str) -> str:

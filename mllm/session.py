@@ -95,7 +95,7 @@ class ChatSession:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         # Validate everything before the conversation changes, so a bad turn leaves no trace.
         candidate = self.messages + [{"role": "user", "content": content}]
-        encoded = self.model.processor.encode(candidate, self.images + images, add_generation_prompt=True)
+        encoded = self.model.processor.encode(candidate, self.images + images, add_generation_prompt=True, labels=False)
         new = image_features(self.model, encoded, first=len(self.images))  # (n_new, N_img, D_llm) or None
         new_features = [] if new is None else list(new)
         self.messages, self.images = candidate, self.images + images

@@ -61,13 +61,35 @@ def render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dic
     )
 
 
+PROBE_QUESTION = [{"role": "user", "content": "q"}]
+PROBE_REPLY = "\x00reply\x00"  # no real reply holds NULs, so it is found where the template put it
+
+
+def _probe_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    """A question and the probe reply, rendered as a finished conversation."""
+    reply = {"role": "assistant", "content": PROBE_REPLY}
+    return render(tokenizer, template, PROBE_QUESTION + [reply], False)
+
+
 def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
     """What the template writes right after an assistant reply (e.g. '<|im_end|>\\n').
 
     Found by rendering a probe conversation, so it works for any template.
     """
-    probe = "\x00reply\x00"
-    text = render(
-        tokenizer, template, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], False
-    )
-    return text[text.index(probe) + len(probe) :]
+    text = _probe_turn(tokenizer, template)
+    return text[text.index(PROBE_REPLY) + len(PROBE_REPLY) :]
+
+
+def reply_opening(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str, str] | None:
+    """What the template writes before a reply: the generation prompt, then what a written reply adds before its
+    content (vicuna_v1: 'ASSISTANT:' and ' '; chatml: '<|im_start|>assistant\\n' and ''). None where the
+    generation prompt is not how a written reply begins.
+
+    Found by rendering a probe conversation, so it works for any template.
+    """
+    question = render(tokenizer, template, PROBE_QUESTION, False)
+    asked = render(tokenizer, template, PROBE_QUESTION, True)
+    text = _probe_turn(tokenizer, template)
+    if not (asked.startswith(question) and text.startswith(asked)):
+        return None
+    return asked[len(question) :], text[len(asked) : text.index(PROBE_REPLY)]
