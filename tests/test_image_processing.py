@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mllm.config import RESIZE_MODES
 from mllm.image_processing import ImageError, ImageProcessor, load_image
 
 S = 8
@@ -275,6 +276,7 @@ def test_preprocess_rejects_non_rgb():
         ("image_mean", (128.0, 128.0, 128.0)),
         ("image_std", (0.5, 0.0, 0.5)),
         ("max_pixels", -1),
+        ("max_pixels", S * S - 1),  # below the tower's own input: every image would be refused
     ],
 )
 def test_invalid_fields_raise_value_error_naming_the_field(field, value):
@@ -293,3 +295,102 @@ def test_crop_mode_resizes_shortest_side_then_centre_crops():
     assert pixels.shape == (3, 10, 10)
     centre = (pixels[:, 2:8, 2:8] * 255).round()
     assert centre[1].min() > 240 and centre[0].max() < 15 and centre[2].max() < 15
+
+
+# ---- ImageProcessor.load: the model-sized image ----------------------------------------------------------------
+def noise(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    width, height = size
+    rng = np.random.default_rng(width * 1000 + height)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "F":
+        return Image.fromarray(rng.random((height, width), dtype=np.float32))
+    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)  # RGBA ->
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def full_image_pixels(processor: ImageProcessor, image: Image.Image) -> torch.Tensor:
+    """(3, S, S): the preprocessing spelled out on the full image, as it ran before `load` existed."""
+    size, bicubic = processor.image_size, Image.Resampling.BICUBIC
+    if processor.resize_mode == "pad" and image.width != image.height:
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), processor.pad_color)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    elif processor.resize_mode == "crop":
+        new_long = int(size * max(image.size) / min(image.size))
+        new_width, new_height = (size, new_long) if image.width <= image.height else (new_long, size)
+        left, top = (new_width - size) // 2, (new_height - size) // 2
+        image = image.resize((new_width, new_height), bicubic).crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image.resize((size, size), bicubic), dtype=np.float32) / 255.0)
+    mean, std = (
+        torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (processor.image_mean, processor.image_std)
+    )
+    return (pixels.permute(2, 0, 1) - mean) / std
+
+
+def assert_load_is_exact(processor: ImageProcessor, source) -> None:
+    """`load` gives the (S, S) RGB image whose tensor is bit for bit that of the full decode."""
+    side = processor.image_size
+    small = processor.load(source)
+    assert small.size == (side, side) and small.mode == "RGB"
+    full = load_image(source)
+    expected = full_image_pixels(processor, full)
+    assert torch.equal(processor.preprocess(small), expected)
+    assert torch.equal(processor.preprocess(full), expected)
+    assert torch.equal(processor([source])[0], expected)
+
+
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
+@pytest.mark.parametrize(
+    "size", [(1, 1), (5, 3), (3, 5), (24, 24), (25, 24), (100, 40), (40, 100), (333, 17), (17, 333), (97, 96)]
+)
+def test_load_then_preprocess_equals_preprocessing_the_full_image(resize_mode, size):
+    # Sizes below, at and above S = 24, square and not, with odd padding offsets and extreme aspect ratios.
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)  # CLIP's: a pad colour that is not grey
+    processor = ImageProcessor(image_size=24, image_mean=mean, image_std=std, resize_mode=resize_mode)
+    assert_load_is_exact(processor, encoded(noise(size)))
+
+
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK", "I;16", "F"])
+def test_load_is_exact_for_every_mode(resize_mode, mode):
+    assert_load_is_exact(identity_processor(resize_mode), noise((37, 13), mode))
+
+
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
+def test_load_is_exact_for_a_rotated_photo_at_a_real_towers_size(resize_mode):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640x480, shown 480x640
+    photo = encoded(noise((640, 480)), "JPEG", quality=90, exif=exif)
+    processor = ImageProcessor(image_size=336, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, resize_mode=resize_mode)
+    assert load_image(photo).size == (480, 640)
+    assert_load_is_exact(processor, photo)
+
+
+def test_pillows_same_size_resize_is_an_equal_copy():
+    """What makes `preprocess(load(x))` exact: shaping an (S, S) image again changes no pixel."""
+    image = noise((S, S))
+    resized = image.resize((S, S), Image.Resampling.BICUBIC)
+    assert resized is not image and resized.tobytes() == image.tobytes()
+
+
+def test_load_labels_errors_like_load_image(tmp_path):
+    with pytest.raises(ImageError, match=r"^mine: not a readable image"):
+        identity_processor().load(b"junk", name="mine")
+    with pytest.raises(ImageError, match=r"^image: not a readable image"):
+        identity_processor().load(b"junk")
+    path = save(Image.new("RGB", (40, 4)), tmp_path / "wide.png")
+    processor = ImageProcessor(image_size=S, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, max_pixels=1_000)
+    message = (
+        f"{path}: 40x4 would be padded to a 40x40 square = 1,600 pixels, over max_pixels=1,000; crop or downscale it"
+    )
+    with pytest.raises(ImageError) as info:
+        processor.load(path)
+    assert str(info.value) == message
+    assert load_image(path, max_pixels=1_000).size == (40, 4)  # the general loader has no canvas to check
