@@ -20,12 +20,13 @@ from functools import partial
 from pathlib import Path
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from app.api_request import APIError, ChatRequest, error_response, gen_config, to_messages
+from app.api_request import APIError, error_response, gen_config, parse_request, to_messages
 from app.api_stream import Completion
 from app.engine import ChatEngine
 from app.scheduling import ChatError
@@ -55,22 +56,20 @@ def create_app(
     allowed_image_dir: str | Path | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; pass a non-empty key, or none to serve without one")
     allowed_dir = Path(allowed_image_dir).resolve() if allowed_image_dir is not None else None
     # Threads that wait on the engine (queued or generating) get their own pool, so a full queue
     # never starves the default pool that serves everything else.
     limiter = anyio.CapacityLimiter(engine.max_concurrency + engine.max_queue + 2)
     created = int(time.time())
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", None, "invalid_api_key")
-
     app = FastAPI(title="mllm", docs_url=None, redoc_url=None)
+    # The last middleware added runs first: the key is checked before a byte of the body is read.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    if api_key is not None:
+        app.add_middleware(APIKeyAuth, api_key=api_key, open_paths=("/health",))
+    v1 = APIRouter(prefix="/v1")
     card = {"id": engine.model_id, "object": "model", "created": created, "owned_by": "mllm"}
 
     @v1.get("/models")
@@ -84,12 +83,12 @@ def create_app(
         return {**card, "info": engine.info()}
 
     @v1.post("/chat/completions")
-    async def chat_completions(request: ChatRequest, http: Request):
+    async def chat_completions(http: Request):
+        # Parsed and checked off the event loop: a body near the size limit takes a while to parse.
+        request = await anyio.to_thread.run_sync(parse_request, await http.body())
         if request.model not in (engine.model_id, engine.name):
             message = f"the model {request.model!r} does not exist; this server serves {engine.model_id!r}"
             raise APIError(404, message, "model", "model_not_found")
-        if request.n != 1:
-            raise APIError(400, f"n={request.n}: this server returns one choice per request; use n=1", "n")
         messages = to_messages(request, allowed_dir)
         try:
             gen = gen_config(request, engine.gen)
@@ -101,13 +100,17 @@ def create_app(
         stream = await anyio.to_thread.run_sync(complete, limiter=limiter)
         completion = Completion(stream, request, engine.model_id, limiter)
         if request.stream:
-            return StreamingResponse(completion.sse(), media_type="text/event-stream")
+            return CancellingStreamingResponse(completion.sse(), completion.cancel, media_type="text/event-stream")
         return await completion.response(http)
 
     app.include_router(v1)
 
     @app.get("/health")
-    def health() -> dict:
+    def health(http: Request) -> dict:
+        # Without the key, only whether the server is up: cache hit counts would tell an outsider whether
+        # someone recently sent a given image or prompt.
+        if api_key is not None and not key_matches(http.headers, api_key):
+            return {"status": "ok"}
         return {"status": "ok", **{k: v for k, v in engine.info().items() if k in HEALTH_FIELDS}}
 
     @app.exception_handler(APIError)
@@ -137,6 +140,28 @@ def create_app(
     return app
 
 
+def key_matches(headers, api_key: str) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class APIKeyAuth:
+    """Refuse a request without the right `Authorization: Bearer <key>` with 401 before its body is read, so an
+    unauthenticated client cannot make the server read, hold and parse a large body. `open_paths` answer
+    anyone (each decides itself what an unauthenticated caller may see)."""
+
+    def __init__(self, app, api_key: str, open_paths: tuple[str, ...] = ()):
+        self.app, self.api_key, self.open_paths = app, api_key, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        if not key_matches(Headers(scope=scope), self.api_key):
+            message = "missing or wrong API key; send 'Authorization: Bearer <key>'"
+            return await error_response(401, message, None, "invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuse a request body over `max_bytes` with 413, before the app parses it: from Content-Length when the
     client sends one, else by counting a chunked body as it arrives (it is then replayed to the app)."""
@@ -161,12 +186,12 @@ class BodyLimit:
             size, more = size + len(chunks[-1]), message.get("more_body", False)
             if size > self.max_bytes:
                 return await self._refuse(scope, receive, send)
-        body = b"".join(chunks)
+        replayed = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
+            # The body once, then the real channel: after the body a receive waits for the client to go away
+            # (http.disconnect), which is what a streaming reply listens for.
+            return replayed.pop() if replayed else await receive()
 
         return await self.app(scope, replay, send)
 
@@ -176,6 +201,31 @@ class BodyLimit:
             413, f"the request body is over {mib:g} MiB; send fewer or smaller images", None, "request_too_large"
         )
         await response(scope, receive, send)
+
+
+class CancellingStreamingResponse(StreamingResponse):
+    """A streaming reply that tells the engine when its client goes away (`on_disconnect`), wherever the reply
+    is: waiting in the queue, prefilling or decoding. Starlette's own listener only stops sending; the worker
+    thread waiting for a queue place would still be admitted and prefilled."""
+
+    def __init__(self, content, on_disconnect, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as group:
+
+            async def listen() -> None:
+                await self.listen_for_disconnect(receive)
+                self.on_disconnect()
+                group.cancel_scope.cancel()
+
+            group.start_soon(listen)
+            try:
+                await self.stream_response(send)
+            except OSError:  # the client went away mid-send
+                self.on_disconnect()
+            group.cancel_scope.cancel()
 
 
 @contextmanager

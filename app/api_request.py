@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm.generation import GenerationConfig
 
@@ -36,9 +37,20 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
 
 class ImageURL(BaseModel):
     url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    """OpenAI's resolution hint; this server's models see every image at their one input size."""
 
 
 SUPPORTED_PARTS = ("text", "image_url")
+
+# Every request is bounded before it costs anything (see `check_limits`). OpenAI allows 4 stop sequences;
+# the length bound keeps the stop matcher's work per text piece small.
+MAX_MESSAGES = 1024
+MAX_TEXT_CHARS = 1_000_000  # all text parts together; the model's context refuses far less (processor)
+MAX_IMAGE_PARTS = 64  # counted before any is decoded; the model's own limit (max_images) is usually lower
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_TOKENS = 1_000_000  # a reply also stops at the context length
 
 
 class ContentPart(BaseModel):
@@ -50,9 +62,13 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # refused by name in `check_parameters`, not by pydantic
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    """A participant's name: OpenAI passes it to its models as metadata; ours have no slot for it."""
+    refusal: str | None = None
+    """Sent back by clients in an assistant message's history; it carries nothing for the model."""
 
 
 class StreamOptions(BaseModel):
@@ -60,21 +76,134 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we have no use for (user, logprobs, ...)
+    model_config = ConfigDict(extra="allow")  # refused by name in `check_parameters`, not by pydantic
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = 1
     # vLLM's extra sampling parameter (OpenAI clients send it in extra_body): the reply runs to max_tokens
     # whatever the model writes, so load benchmarks compare equal lengths.
     ignore_eos: bool = False
+    # Accepted and without effect on the answer, as in OpenAI's API: labels for the caller's own records.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    store: Literal[False] | None = None
+    """OpenAI keeps `store: true` completions for its dashboards; this server keeps nothing, so only false."""
+
+
+def _unset(value) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {}
+
+
+# OpenAI parameters this server does not implement: (is the value a no-op?, why it is refused and the fix).
+# A client that asks for one of them gets a 400 naming it, never an answer that silently ignored it.
+NOT_IMPLEMENTED: dict[str, tuple] = {
+    "response_format": (
+        lambda v: v is None or v == {"type": "text"},
+        "structured output (json_object / json_schema) is not supported yet; ask for JSON in the prompt and "
+        "parse the text, or leave response_format out",
+    ),
+    "tools": (_unset, "tool calling is not supported by this server; leave tools out"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported by this server; leave it out"),
+    "functions": (_unset, "function calling is not supported by this server; leave functions out"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported; leave it out"),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "tool calling is not supported"),
+    "logprobs": (_unset, "log probabilities are not returned by this server; leave logprobs out"),
+    "top_logprobs": (_unset, "log probabilities are not returned by this server; leave top_logprobs out"),
+    "logit_bias": (_unset, "logit_bias is not supported by this server; leave it out"),
+    "presence_penalty": (_unset, "presence_penalty is not supported by this server; leave it out or send 0"),
+    "frequency_penalty": (_unset, "frequency_penalty is not supported by this server; leave it out or send 0"),
+    "modalities": (lambda v: v in (None, ["text"]), "this server answers in text only; send ['text'] or leave it out"),
+    "audio": (_unset, "audio output is not supported; leave audio out"),
+    "prediction": (_unset, "predicted outputs are not supported; leave prediction out"),
+    "reasoning_effort": (_unset, "this server's models do not reason in steps; leave reasoning_effort out"),
+    "verbosity": (_unset, "verbosity is not supported by this server; leave it out"),
+    "web_search_options": (_unset, "web search is not supported: this server makes no outbound requests"),
+}
+# Message fields of OpenAI's tool calling: refused the same way (the model cannot see or make tool calls).
+MESSAGE_NOT_IMPLEMENTED = ("tool_calls", "tool_call_id", "function_call", "audio")
+
+
+def check_parameters(request: ChatRequest) -> None:
+    """Refuse, by name, every parameter received that this server would otherwise ignore (a client asking for
+    JSON must not get free text and no error). Unknown fields are refused as OpenAI refuses them."""
+    for name, value in (request.model_extra or {}).items():
+        if name not in NOT_IMPLEMENTED:
+            raise APIError(
+                400, f"unrecognized request argument supplied: {name}; remove it", name, "unsupported_parameter"
+            )
+        is_noop, why = NOT_IMPLEMENTED[name]
+        if not is_noop(value):
+            raise APIError(400, f"{name}: {why}", name, "unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        message = "stream_options is only allowed when stream is true; set stream: true or leave stream_options out"
+        raise APIError(400, message, "stream_options", "invalid_request")
+    if request.n != 1:
+        raise APIError(400, f"n={request.n}: this server returns one choice per request; use n=1", "n")
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > MAX_STOP_SEQUENCES:
+        message = f"{len(stops)} stop sequences; send at most {MAX_STOP_SEQUENCES}, as OpenAI allows"
+        raise APIError(400, message, "stop", "invalid_request")
+    for stop in stops:
+        if len(stop) > MAX_STOP_CHARS:
+            raise APIError(
+                400,
+                f"a stop sequence is {len(stop):,} characters; the limit is {MAX_STOP_CHARS}",
+                "stop",
+                "invalid_request",
+            )
+    chars = images = 0
+    for i, message in enumerate(request.messages):
+        for name in MESSAGE_NOT_IMPLEMENTED:
+            if not _unset((message.model_extra or {}).get(name)):
+                raise APIError(
+                    400, f"messages[{i}].{name}: tool calling is not supported by this server", f"messages[{i}].{name}"
+                )
+        unknown = sorted(set(message.model_extra or {}) - set(MESSAGE_NOT_IMPLEMENTED))
+        if unknown:
+            raise APIError(
+                400, f"messages[{i}]: unrecognized field {unknown[0]!r}; remove it", f"messages[{i}].{unknown[0]}"
+            )
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        for part in message.content if isinstance(message.content, list) else []:
+            chars += len(part.text or "")
+            images += part.type == "image_url"
+    if chars > MAX_TEXT_CHARS:
+        message = f"the messages hold {chars:,} characters; the limit is {MAX_TEXT_CHARS:,}: shorten them"
+        raise APIError(400, message, "messages", "context_length_exceeded")
+    if images > MAX_IMAGE_PARTS:
+        message = f"the messages hold {images} images; the limit is {MAX_IMAGE_PARTS}: send fewer"
+        raise APIError(400, message, "messages", "too_many_images")
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """The request body -> a checked ChatRequest, or an APIError naming the first problem.
+
+    Run in a worker thread by the API: parsing a body near the size limit takes a noticeable moment, which
+    must not be spent on the event loop that every other client shares."""
+    try:
+        # The standard library's parser, not pydantic's: it keeps lone surrogates (JSON allows "\ud800"), so
+        # the processor can name the message and part that holds one.
+        request = ChatRequest.model_validate(json.loads(body))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})", None, "invalid_request") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param or 'request'}: {first['msg']}", param, "invalid_request") from None
+    check_parameters(request)
+    return request
 
 
 def image_source(url: str, allowed_dir: Path | None, param: str) -> bytes | str:
@@ -115,7 +244,10 @@ def image_source(url: str, allowed_dir: Path | None, param: str) -> bytes | str:
             param,
             "invalid_image_url",
         )
-    path = (allowed_dir / (unquote(urlsplit(url).path) if scheme == "file" else url)).resolve()
+    local = unquote(urlsplit(url).path) if scheme == "file" else url
+    if "\x00" in local:
+        raise APIError(400, "an image path must not contain a NUL byte; check the path", param, "invalid_image_url")
+    path = (allowed_dir / local).resolve()
     if not path.is_relative_to(allowed_dir):
         raise APIError(
             400, f"image path {url!r} is outside the allowed image directory {allowed_dir}", param, "invalid_image_url"

@@ -30,10 +30,16 @@ class StopMatcher:
         if hits:
             out, self.buffer = self.buffer[: min(hits)], ""
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
-        cut = len(self.buffer) - hold
+        cut = len(self.buffer) - max((self._held(s) for s in self.stops), default=0)
         out, self.buffer = self.buffer[:cut], self.buffer[cut:]
         return out, False
+
+    def _held(self, stop: str) -> int:
+        """The longest tail of the buffer that `stop` starts with (the API bounds a stop's length)."""
+        for k in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
+            if self.buffer.endswith(stop[:k]):
+                return k
+        return 0
 
     def flush(self) -> str:
         out, self.buffer = self.buffer, ""
@@ -62,8 +68,20 @@ class Completion:
                 yield tail
             self.finish_reason = "length" if self.stream.finish_reason == "length" else "stop"
         finally:
-            self.stream.cancel.set()
-            self.stream.close()
+            self.stream.stop()
+            # Closing runs the reply's cleanup (the prefix cache keeps its KV): a worker thread's job, and it
+            # must run even when this task is being cancelled (the client went away).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.stream.close, limiter=self.limiter)
+
+    def cancel(self) -> None:
+        """The client went away: stop the reply wherever it is (waiting for a place, prefilling, decoding)."""
+        self.stream.stop()
+
+    async def _watch(self, http: Request) -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
 
     def usage(self) -> dict:
         prompt, completion = self.stream.prompt_tokens, self.stream.completion_tokens
@@ -92,11 +110,12 @@ class Completion:
 
     async def response(self, http: Request) -> dict:
         text = ""
-        async with aclosing(self.pieces()) as pieces:
-            async for piece in pieces:
-                text += piece
-                if await http.is_disconnected():  # nobody is waiting for the answer any more
-                    break
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch, http)  # the body is read: the next message is the client leaving
+            async with aclosing(self.pieces()) as pieces:
+                async for piece in pieces:
+                    text += piece
+            group.cancel_scope.cancel()
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
         return {

@@ -30,6 +30,10 @@ from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
 from mllm.session import ChatSession, image_count, text_of
 
+# Images decoding at once across all requests. Each decode may briefly hold its decoded image and one
+# intermediate, both capped by max_pixels (Pillow keeps RGB in 4 bytes a pixel): 0.3-0.8 GB at 40 Mpx.
+DECODE_SLOTS = 2
+
 
 @contextmanager
 def _user_errors():
@@ -70,6 +74,8 @@ class ChatEngine:
         self.batcher.max_batch, self.batcher.exact = max_concurrency, exact_batching
         self._model_lock = self.batcher.lock
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
+        self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self._encode_lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
 
@@ -120,9 +126,12 @@ class ChatEngine:
             del self._conversations[conv_id]
 
     @contextmanager
-    def _reserved(self, conv_id: str, wait_s: float = 5.0):
-        """Exclusive use of a conversation while a request changes it; a stopping reply is waited for."""
+    def _reserved(self, conv_id: str, wait_s: float = 5.0, create: bool = True):
+        """Exclusive use of a conversation while a request changes it; a stopping reply is waited for.
+        Without `create`, an unknown conversation is an error rather than a new empty one."""
         with self._lock:
+            if not create and conv_id not in self._conversations:
+                raise ChatError("nothing to export yet: ask something and get an answer first")
             conv = self._conversation(conv_id)
             deadline = time.monotonic() + wait_s
             while isinstance(conv.active, Stream) and conv.active.cancel.is_set() and time.monotonic() < deadline:
@@ -150,8 +159,7 @@ class ChatEngine:
             stream = conv.active if conv is not None else None
         if not isinstance(stream, Stream):
             return False
-        stream.cancel.set()
-        self._admission.poke()
+        stream.stop()
         return True
 
     def clear(self, conv_id: str) -> None:
@@ -160,19 +168,26 @@ class ChatEngine:
         with self._lock:
             self._conversations.pop(conv_id, None)
 
+    def has_conversation(self, conv_id: str) -> bool:
+        """False once the conversation was cleared or forgotten (the least recently used past the limit)."""
+        with self._lock:
+            return conv_id in self._conversations
+
     def history(self, conv_id: str) -> list[Turn]:
-        return [Turn(text, sources, reply) for text, _, sources, reply in exchanges(self._conversation(conv_id))]
+        """The conversation's exchanges; none for one this engine does not hold (nothing is created)."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+        return [] if conv is None else [Turn(t, sources, reply) for t, _, sources, reply in exchanges(conv)]
 
     # ---- turns ----------------------------------------------------------------------------------
     def stream(self, conv_id: str, text: str, images: list | None = None, gen=None, on_queue=None) -> Stream:
         """Ask in a conversation: `images` (paths, bytes, PIL) go before the text. Iterate the result."""
         if not text.strip() and not images:
             raise ChatError("type a message or attach an image first")
-        pictures = []
-        with _user_errors():
-            for i, source in enumerate(images or []):
-                name = source if isinstance(source, str) else f"image {i + 1}"
-                pictures.append((load_image(source, name=name, max_pixels=self._max_pixels), source))
+        images = images or []
+        self._check_image_count(len(images))
+        names = [source if isinstance(source, str) else f"image {i + 1}" for i, source in enumerate(images)]
+        pictures = list(zip(self._load_images(images, names), images))
         return self._turn(conv_id, text, pictures, gen, on_queue, replace_last=False)
 
     def regenerate(self, conv_id: str, gen=None, on_queue=None) -> Stream:
@@ -212,9 +227,7 @@ class ChatEngine:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
             candidate = session.messages[:cut] + [{"role": "user", "content": content}]
             # Check now, so a bad request fails at once instead of after its wait in the queue.
-            self.batcher.run(
-                self.model.processor.encode, candidate, session.images[:kept] + images, add_generation_prompt=True
-            )
+            self._encode(candidate, session.images[:kept] + images)
 
             def start(stream: Stream) -> Iterator[str]:
                 # Runs once admitted: a request cancelled while queued has changed nothing.
@@ -238,19 +251,20 @@ class ChatEngine:
         A reply stops at the context length. With `exact_max_tokens` (the client asked for a number of tokens)
         a prompt that leaves less room than `gen.max_new_tokens` is refused, as OpenAI refuses it.
         """
-        messages, n = [dict(m) for m in messages], 0
-        with _user_errors():
-            for message in messages:
-                if isinstance(message.get("content"), list):
-                    parts = []
-                    for part in message["content"]:
-                        if isinstance(part, dict) and part.get("type") == "image":
-                            n += 1
-                            image = load_image(part.get("image"), name=f"image {n}", max_pixels=self._max_pixels)
-                            part = {"type": "image", "image": image}
-                        parts.append(part)
-                    message["content"] = parts
-            encoded = self.batcher.run(self.model.processor.encode, messages, add_generation_prompt=True)
+
+        def is_image(part) -> bool:
+            return isinstance(part, dict) and part.get("type") == "image"
+
+        messages = [dict(m) for m in messages]
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), list)]
+        sources = [part.get("image") for content in contents for part in content if is_image(part)]
+        self._check_image_count(len(sources))  # counted before any is decoded
+        loaded = iter(self._load_images(sources, [f"image {i + 1}" for i in range(len(sources))]))
+        for message in messages:
+            if isinstance(message.get("content"), list):
+                content = message["content"]
+                message["content"] = [{"type": "image", "image": next(loaded)} if is_image(p) else p for p in content]
+        encoded = self._encode(messages)
         gen = gen or self.gen
         limit, prompt = self.model.processor.max_length, len(encoded.input_ids)
         if exact_max_tokens and limit is not None and prompt + gen.max_new_tokens > limit:
@@ -295,6 +309,11 @@ class ChatEngine:
             if self.prefix_cache is not None:  # the prompt and the reply, as far as the cache holds them
                 self.prefix_cache.store((key + tuple(answer.ids))[: answer.cache.get_seq_length()], answer.cache)
 
+    def _tokens_per_s(self) -> float:
+        since = time.monotonic() - 60
+        with self._lock:
+            return round(sum(n for when, n in self._finished if when >= since) / 60, 2)
+
     def _count(self, tokens: int) -> None:
         now = time.monotonic()
         with self._lock:
@@ -303,23 +322,58 @@ class ChatEngine:
             while self._finished and self._finished[0][0] < now - 60:
                 self._finished.popleft()
 
-    @property
-    def _max_pixels(self) -> int:
-        return self.model.processor.image_processor.max_pixels
+    # ---- request checks, off the model thread --------------------------------------------------
+    def _check_image_count(self, n: int) -> None:
+        limit = self.model.processor.max_images
+        if n > limit:
+            raise ChatError(
+                f"the request has {n} images; this model takes at most {limit} per conversation: send fewer",
+                "too_many_images",
+            )
+
+    def _load_images(self, sources: list, names: list[str]) -> list:
+        """Decode each image within the processor's limits and keep only the model-sized pixels (what the
+        tower sees: 150 KB at 224 px, 340 KB at 336) rather than the decoded original (up to 160 MB). At most
+        DECODE_SLOTS images decode at once, so the transient peak is bounded whatever the number of clients."""
+        loaded = []
+        with _user_errors():
+            for source, name in zip(sources, names, strict=True):
+                with self._decode_slots:
+                    loaded.append(self.model.processor.image_processor.load(source, name=name))
+        return loaded
+
+    def _encode(self, messages: list[dict], images: list | None = None):
+        """Template and tokens for generation, in the caller's thread: the model thread only runs the model.
+        One encode at a time (the tokenizer's settings are shared state)."""
+        with _user_errors(), self._encode_lock:
+            return self.model.processor.encode(messages, images, add_generation_prompt=True, labels=False)
 
     # ---- export and info ------------------------------------------------------------------------
     def export_llava(self, conv_id: str, directory: str | Path) -> Path:
         """Write the conversation as a LLaVA JSON file (a list of one row) with its images as PNG beside it.
 
         Exchanges without an answer (stopped before the first token) are left out: a training row
-        needs every answer. Returns the JSON file's path (read it with training.data.read_rows).
+        needs every answer. Images are written as the user gave them where their source can still be read (the
+        conversation itself keeps only the model-sized copy); else as the model saw them. Returns the JSON
+        file's path (read it with training.data.read_rows).
         """
-        with self._reserved(conv_id) as conv:
+        with self._reserved(conv_id, create=False) as conv:
             answered = [e for e in exchanges(conv) if e[3] and e[3].strip()]
             system = [m["content"] for m in conv.session.messages if m["role"] == "system"]
         if not answered:
             raise ChatError("nothing to export yet: ask something and get an answer first")
-        return write_llava(directory, answered, system, self.model.processor.image_token)
+        originals = [
+            (text, [self._original(source, seen) for seen, source in zip(images, sources)], sources, reply)
+            for text, images, sources, reply in answered
+        ]
+        return write_llava(directory, originals, system, self.model.processor.image_token)
+
+    def _original(self, source, seen):
+        with self._decode_slots:
+            try:
+                return load_image(source, max_pixels=self.model.processor.image_processor.max_pixels)
+            except (MLLMError, TypeError):  # an upload since deleted, or a source that cannot be read again
+                return seen
 
     def info(self) -> dict:
         """What the model panel and /v1/models show."""
@@ -343,7 +397,7 @@ class ChatEngine:
             "waiting": waiting,
             "generated_tokens": self.generated_tokens,
             # Replies finished in the last minute, over that minute: the load the server has carried lately.
-            "tokens_per_s": round(sum(n for when, n in self._finished if when >= time.monotonic() - 60) / 60, 2),
+            "tokens_per_s": self._tokens_per_s(),
             **self.feature_cache.stats(),
             **(self.prefix_cache.stats() if self.prefix_cache is not None else {"prefix_cache_mib": 0}),
         }

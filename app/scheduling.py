@@ -172,6 +172,11 @@ class Stream(Iterator[str]):
             self.close()
             raise
 
+    def stop(self) -> None:
+        """Cancel from any thread: a running reply stops between two tokens, a waiting one leaves the line."""
+        self.cancel.set()
+        self._admission.poke()
+
     def close(self) -> None:
         if self._closed:
             return
