@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 
 from mllm.errors import CheckpointError
+from mllm.hub import require_safetensors
 
 # config.json `model_type` / architecture -> our name for the format.
 FORMATS: dict[str, str] = {"llava": "llava", "blip-2": "blip2", "instructblip": "instructblip"}
@@ -60,11 +61,7 @@ def safetensors_files(path: str | Path) -> list[Path]:
         return [path / name for name in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    if list(path.glob("*.bin")):
-        raise CheckpointError(
-            f"{path} holds only pickled weights (*.bin); mllm reads safetensors only. Re-save it once with "
-            "`Model.from_pretrained(path).save_pretrained(path, safe_serialization=True)`"
-        )
+    require_safetensors(path)  # pickled weights alone: refused by name, with the command that converts them
     raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
 
 
