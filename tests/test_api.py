@@ -1,9 +1,11 @@
-"""The OpenAI-compatible API, served for real by uvicorn on loopback and driven by the `openai` client."""
+"""The OpenAI-compatible API, served for real by uvicorn on loopback and driven by the `openai` client, on the
+tiny model in float32 and in int4 (the CPU default: the int4 forward, its packed prefill and batched steps)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,15 +18,22 @@ from PIL import Image
 from app.api import create_app, serving
 from app.engine import ChatEngine
 from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig
+from mllm.loading import load_model
 
 KEY = "test-key"
 
 
-@pytest.fixture(scope="module")
-def model(tiny_config):
+@pytest.fixture(scope="module", params=["float32", "int4"])
+def model(request, tiny_config, tmp_path_factory):
     torch.manual_seed(0)
-    return build_model(tiny_config, device="cpu").eval()
+    full = build_model(tiny_config, device="cpu").eval()
+    if request.param == "float32":
+        return full
+    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    save_pretrained(full, directory)
+    return load_model(str(directory), device="cpu", quantization="int4")  # what `mllm api` serves on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +112,15 @@ def test_stop_string_cuts_the_answer(client):
 
 
 def test_local_image_only_inside_the_allowed_dir(client, image_dir):
-    ok = client.chat.completions.create(model="tiny", messages=ask("hi", f"file://{image_dir}/green.png"), max_tokens=2)
-    assert ok.choices[0].message.content is not None
+    by_path = client.chat.completions.create(
+        model="tiny", messages=ask("hi", f"file://{image_dir}/green.png"), max_tokens=4, temperature=0
+    )
+    inline = client.chat.completions.create(
+        model="tiny", messages=ask("hi", data_uri((0, 160, 0), 24)), max_tokens=4, temperature=0
+    )
+    assert by_path.usage.completion_tokens >= 1  # the same pixels by path and inline: the same answer
+    assert by_path.choices[0].message.content == inline.choices[0].message.content
+    assert by_path.usage.prompt_tokens == inline.usage.prompt_tokens
     with pytest.raises(openai.BadRequestError, match="outside the allowed image directory"):
         client.chat.completions.create(model="tiny", messages=ask("hi", f"{image_dir}/../../etc/passwd"))
 
@@ -148,44 +164,67 @@ def test_api_key_unknown_model_and_schema_errors(server, client):
         assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
-def test_full_queue_is_503(model):
-    engine = ChatEngine(model, name="tiny", max_concurrency=1, max_queue=0)
-    hook = model.llm.register_forward_hook(lambda *_: time.sleep(0.02))  # keep the first request busy
+def test_full_queue_is_503_with_retry_after_and_a_client_gone_frees_its_place(model):
+    engine = ChatEngine(model, name="tiny", max_concurrency=1, max_queue=0, gen=GenerationConfig(max_new_tokens=4))
+    release, started = threading.Event(), []
+    generate = engine._generate
+
+    def held(encoded, gen, stream):  # the first reply keeps its place until released
+        started.append(1)
+        if len(started) == 1:
+            release.wait(60)
+        yield from generate(encoded, gen, stream)
+
+    engine._generate = held
     try:
         with serving(create_app(engine)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-            first = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=480, stream=True)
+            first = client.chat.completions.create(model="tiny", messages=ask("hi"), stream=True)
             next(iter(first))
             with pytest.raises(openai.InternalServerError) as err:
                 client.chat.completions.create(model="tiny", messages=ask("hi"))
             assert err.value.status_code == 503 and "busy" in err.value.message
-            first.close()  # the client goes away: the server must stop, not spend 10 s on 480 tokens
-            deadline = time.monotonic() + 5
+            assert err.value.response.headers["Retry-After"] == "1"
+            first.close()  # the client goes away: its place must be freed
+            release.set()
+            deadline = time.monotonic() + 30
             while engine.info()["running"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert engine.info()["running"] == 0
+            again = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=2)
+            assert again.usage.completion_tokens >= 1
     finally:
-        hook.remove()
+        release.set()
 
 
-def test_sixteen_concurrent_conversations_do_not_cross_talk(client):
-    """Each answer (greedy) must equal the same request sent alone: no state leaks between requests."""
+def test_sixteen_concurrent_conversations_do_not_cross_talk(model):
+    """Each greedy answer equals the same request sent alone, token for token, where the README promises it:
+    float32 batches exactly; int4 with --exact-batching (its default wide steps go through a bf16 copy, within
+    1% of each row's logits: tests/test_batching.py)."""
+    engine = ChatEngine(
+        model,
+        name="tiny",
+        max_concurrency=16,
+        gen=GenerationConfig(max_new_tokens=8),
+        exact_batching=True,
+        prefix_cache_mib=0,
+    )
     requests = [ask(f"what is in image {i}?", data_uri((16 * i, 255 - 16 * i, (40 * i) % 256))) for i in range(16)]
+    with serving(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
-    def send(i: int) -> str:
-        if i % 2:  # half of them stream
-            chunks = client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8, stream=True)
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        return (
-            client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8).choices[0].message.content
-        )
+        def send(i: int) -> str:
+            if i % 2:  # half of them stream
+                chunks = client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8, stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reply = client.chat.completions.create(model="tiny", messages=requests[i], max_tokens=8)
+            return reply.choices[0].message.content
 
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(send, range(16)))
-    alone = [send(i) for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(send, range(16)))
+        alone = [send(i) for i in range(16)]
     assert together == alone
     assert len(set(alone)) > 1  # the images do change the answers, so a mix-up would show
-    assert [m.id for m in client.models.list()] == ["tiny"]  # still serving
 
 
 # ---- requests that must never wedge the server or reach a 500 --------------------------------------------------
@@ -196,12 +235,10 @@ def _post(server: str, body, **kwargs) -> httpx.Response:
 
 def test_a_huge_request_is_refused_at_once_with_context_length_exceeded(server, model):
     words = "lorem ipsum dolor sit amet " * 12_000  # 60,000 words, far past the tiny model's 512 tokens
-    t0 = time.perf_counter()
     r = _post(server, {"model": "tiny", "messages": [{"role": "user", "content": words}]})
-    elapsed = time.perf_counter() - t0
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-    assert "limit of 512 tokens" in r.json()["error"]["message"]
-    assert elapsed < 1.0, f"refusing took {elapsed:.2f} s"
+    # Refused from its length in characters, before the template or the tokenizer ran.
+    assert "324,000 characters, more than this model's limit of 512 tokens" in r.json()["error"]["message"]
     just_over = "hello " * 600  # a few characters per token: only the tokenizer can tell, and it does
     r = _post(server, {"model": "tiny", "messages": [{"role": "user", "content": just_over}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
@@ -274,15 +311,14 @@ def test_a_body_over_the_limit_is_413_with_or_without_content_length(model):
 def test_a_huge_request_does_not_delay_a_normal_one_sent_with_it(server):
     words = "lorem ipsum dolor sit amet " * 12_000
     huge = {"model": "tiny", "messages": [{"role": "user", "content": words}]}
-    normal = {"model": "tiny", "messages": ask("what color"), "max_tokens": 4}
+    normal = {"model": "tiny", "messages": ask("what color"), "max_tokens": 4, "temperature": 0}
     with ThreadPoolExecutor(2) as pool:
-        t0 = time.perf_counter()
         refused, answered = pool.submit(_post, server, huge), pool.submit(_post, server, normal)
         refused, answered = refused.result(), answered.result()
-        elapsed = time.perf_counter() - t0
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
-    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] is not None
-    assert elapsed < 5.0
+    assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] >= 1
+    alone = _post(server, normal).json()["choices"][0]["message"]["content"]
+    assert answered.json()["choices"][0]["message"]["content"] == alone
 
 
 def test_a_client_gone_mid_stream_frees_its_place_and_the_server_answers_on(server):

@@ -19,13 +19,20 @@ from PIL import Image
 from app.api import create_app, serving
 from app.engine import ChatEngine
 from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig
+from mllm.loading import load_model
 
 
 @pytest.fixture(scope="module")
-def url(tiny_config):
+def url(tiny_config, tmp_path_factory):
+    # The CPU default: the tiny model's LLM in int4, as `mllm api` serves it.
     torch.manual_seed(0)
-    engine = ChatEngine(build_model(tiny_config, device="cpu").eval(), name="tiny", gen=GenerationConfig(4))
+    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
+    engine = ChatEngine(
+        load_model(str(directory), device="cpu", quantization="int4"), name="tiny", gen=GenerationConfig(4)
+    )
     with serving(create_app(engine, max_body_bytes=2**20)) as base:
         yield base
 

@@ -21,16 +21,21 @@ from PIL import Image
 from app.api import create_app, serving
 from app.engine import ChatEngine
 from mllm.assembly import build_model
+from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig
+from mllm.loading import load_model
 
 KEY = "hostile-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def model(tiny_config):
+def model(tiny_config, tmp_path_factory):
+    """The CPU default: the tiny model's LLM in int4, as `mllm api` serves it."""
     torch.manual_seed(0)
-    return build_model(tiny_config, device="cpu").eval()
+    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
+    return load_model(str(directory), device="cpu", quantization="int4")
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +333,25 @@ def test_a_client_that_leaves_while_queued_is_never_prefilled(one_slot, stream):
     release.set()
     assert wait_for(lambda: engine.info()["running"] == 0)
     assert len(started) == 1, f"{len(started)} requests were started; the one that left must not be"
+
+
+def test_checking_a_request_never_takes_the_model_thread(engine):
+    """Decoding its images, the template and the tokens run in the request's own thread: the model thread,
+    which every running reply shares, only ever runs model steps."""
+    on_model_thread = []
+    run = engine.batcher.run
+
+    def recording(fn, *args, **kwargs):
+        on_model_thread.append(getattr(fn, "__qualname__", repr(fn)))
+        return run(fn, *args, **kwargs)
+
+    engine.batcher.run = recording
+    try:
+        picture = Image.new("RGB", (640, 480), (10, 200, 30))
+        stream = engine.complete(
+            [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "hi"}]}]
+        )
+        stream.close()
+    finally:
+        engine.batcher.run = run
+    assert stream.prompt_tokens > 16 and on_model_thread == []
