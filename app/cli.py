@@ -26,7 +26,9 @@ def load_model(args: argparse.Namespace):
     import mllm.loading
 
     try:
-        return mllm.loading.load_model(args.model, device=args.device, quantization=quantization(args))
+        return mllm.loading.load_model(
+            args.model, device=args.device, quantization=quantization(args), backend=args.backend
+        )
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {e}") from e
 

@@ -63,7 +63,7 @@ class ChatEngine:
         prefix caching off (image features are still cached by content). `exact_batching`: every reply bit
         for bit the reply decoded alone, at the cost of slower wide batches (`mllm.batching.Batcher`)."""
         self.model, self.name, self.gen = model, name, gen or GenerationConfig()
-        self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20)) if prefix_cache_mib > 0 else None
+        self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20), model.backend) if prefix_cache_mib > 0 else None
         self.feature_cache = FeatureCache()
         self.generated_tokens = 0
         self._finished: deque[tuple[float, int]] = deque()  # (when, tokens) of replies done in the last minute

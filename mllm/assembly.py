@@ -9,11 +9,13 @@ image settings and places tower and connector on the LLM's device and compute dt
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mllm.backends import select as select_backend
 from mllm.config import MLLMConfig
 from mllm.connectors import build_connector
 from mllm.cpu_quant import quantize_int4
@@ -50,6 +52,8 @@ def assemble(
     adapter: str | Path | None = None,
     fresh_adapter: bool = False,
     trainable: bool = False,
+    backend: str = "auto",
+    gguf_type: str | None = None,
 ) -> MLLM:
     """The MLLM that `config` describes, with these weights.
 
@@ -58,7 +62,9 @@ def assemble(
     instead of `config.llm.path`'s; `llm_dtype` keeps the LLM in a given dtype (conversion). LoRA: a saved
     `adapter` directory (merged into the weights for inference on an unquantized LLM, so decoding pays
     nothing for it; `int4` keeps it beside the 4-bit weights), or `fresh_adapter`s as `config.llm.lora` describes. `trainable`: train mode, adapters
-    kept apart; otherwise eval mode.
+    kept apart; otherwise eval mode. `backend` (`mllm.backends`): what decodes; with `llamacpp` the LLM runs in
+    llama.cpp as a GGUF of `gguf_type` (the adapter applied there at run time) and the torch LLM, unquantized,
+    gives only the input embeddings.
     """
     if config.llm.quantization == "int4" and trainable:
         raise CheckpointError("int4 is an inference format; train a quantized LLM with qlora (4-bit + LoRA)")
@@ -66,8 +72,14 @@ def assemble(
     vision = build_vision(config.vision)
     if vision_state is not None:
         vision.load_state_dict(vision_state)
+    if backend == "llamacpp":
+        if trainable:
+            raise CheckpointError("backend 'llamacpp' is for inference; train with the torch backends")
+        config = config.replace(llm=dataclasses.replace(config.llm, quantization="none"))
     llm = load_llm(config.llm, device, weights_path=None if llm_weights is None else str(llm_weights), dtype=llm_dtype)
-    if adapter is not None:
+    if adapter is not None and backend == "llamacpp":
+        pass  # applied by llama.cpp at run time; the torch LLM gives input embeddings, which LoRA leaves alone
+    elif adapter is not None:
         llm = attach_lora(llm, config.llm.lora, adapter_path=str(adapter), trainable=trainable)
         if not trainable and config.llm.quantization == "none":
             llm = llm.merge_and_unload()  # decoding then pays nothing for the adapter
@@ -97,8 +109,10 @@ def assemble(
     processor = Processor.for_model(
         config, tokenizer, template, image_processor, connector.num_tokens, qformer_tokenizer
     )
-    model = MLLM(config, vision, connector, llm, processor)
-    return model.place(device).train(trainable)
+    model = MLLM(config, vision, connector, llm, processor).place(device).train(trainable)
+    llamacpp = {"adapter": adapter, "llm_weights": llm_weights, "gguf_type": gguf_type} if backend == "llamacpp" else {}
+    model.backend = select_backend(model, backend, **llamacpp)
+    return model
 
 
 def build_model(
@@ -106,6 +120,7 @@ def build_model(
     device: str | torch.device | None = None,
     qformer_tokenizer: PreTrainedTokenizerBase | None = None,
     trainable: bool = True,
+    **backend,
 ) -> MLLM:
     """Pretrained tower and LLM, a freshly initialised connector (and fresh LoRA if configured), to train.
 
@@ -121,4 +136,5 @@ def build_model(
         qformer_tokenizer=qformer_tokenizer,
         fresh_adapter=config.llm.lora is not None,
         trainable=trainable,
+        **backend,
     )

@@ -162,8 +162,9 @@ class Batcher:
             self._jobs = kept
         try:
             with self.lock:
-                forwards = prefill_packed(self.model, [job.sequence for job, _ in jobs], [job.chunk for job, _ in jobs])
-                self.prefill_forwards += forwards
+                before = self.model.backend.prefill_forwards
+                prefill_packed(self.model, [job.sequence for job, _ in jobs], [job.chunk for job, _ in jobs])
+                self.prefill_forwards += self.model.backend.prefill_forwards - before
                 self.prefilled_chunks += len(jobs)
         except BaseException as e:  # noqa: BLE001 - the callers get it, the thread goes on
             for _, waiting in jobs:

@@ -64,8 +64,11 @@ def load_pretrained(
     device: str | None = None,
     quantization: str | None = None,
     trainable: bool = False,
+    backend: str = "auto",
+    gguf_type: str | None = None,
 ) -> MLLM:
-    """Load a checkpoint directory. `quantization` (none | 8bit | 4bit) overrides the stored setting.
+    """Load a checkpoint directory. `quantization` (none | 8bit | 4bit) overrides the stored setting; `backend`
+    and `gguf_type`: what decodes (`mllm.assembly.assemble`).
 
     For inference (`trainable=False`) a LoRA adapter on an unquantized LLM is merged into the
     weights, so decoding pays nothing for it.
@@ -86,6 +89,8 @@ def load_pretrained(
         llm_weights=present.get("llm"),
         adapter=present.get("adapter"),
         trainable=trainable,
+        backend=backend,
+        gguf_type=gguf_type,
     )
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from mllm.backends import BACKENDS, GGUF_TYPES
 from mllm.config import QUANTIZATIONS
 from mllm.errors import MLLMError
 
@@ -38,14 +39,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     quant = p.add_mutually_exclusive_group()
     quant.add_argument(
         "--quantization",
-        choices=QUANTIZATIONS,
+        choices=QUANTIZATIONS + GGUF_TYPES,
         default=None,
-        help="int4: the fast CPU path (torch's int4 kernel); 4bit / 8bit: bitsandbytes (CUDA); none: full "
-        "precision (default: what the checkpoint says)",
+        help="int4: torch's int4 kernel (CPU); 4bit / 8bit: bitsandbytes (CUDA); none: full precision; with "
+        "--backend llamacpp, the GGUF type: " + ", ".join(GGUF_TYPES) + " (default: what the checkpoint says)",
     )
     quant.add_argument("--load-4bit", action="store_true", help="same as --quantization 4bit (nf4, bitsandbytes)")
     quant.add_argument("--load-8bit", action="store_true", help="same as --quantization 8bit (bitsandbytes)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what decodes: llamacpp (the LLM in llama.cpp, CPU), int4 (torch's int4 kernel, CPU), transformers "
+        "(CUDA, bitsandbytes, full precision); auto: the measured CPU default, transformers on CUDA",
+    )
 
 
 def add_server_args(p: argparse.ArgumentParser, port: int) -> None:

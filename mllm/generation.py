@@ -14,15 +14,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
 
-from mllm.batch_decode import transformers_batch
-from mllm.int4_decode import DENSE_ROWS, int4_decoder
 from mllm.processor import Encoded
 
 
@@ -72,14 +69,14 @@ class Cancelled(Exception):
 
 
 class Sequence:
-    """One reply being decoded: its KV cache, the logits of what comes next, and its own sampling state
-    (logits processors, seeded generator, stop tokens, token budget). `stream_ids` drives one alone;
-    `mllm.batching.Batcher` drives many in one forward per step."""
+    """One reply being decoded: its KV cache (the model's backend's: `mllm.backends`), the logits of what comes
+    next, and its own sampling state (logits processors, seeded generator, stop tokens, token budget).
+    `stream_ids` drives one alone; `mllm.batching.Batcher` drives many in one forward per step."""
 
     def __init__(
         self,
         model,
-        cache: DynamicCache,
+        cache,
         context_ids: list[int],
         new_ids: torch.Tensor,
         gen: GenerationConfig,
@@ -95,15 +92,9 @@ class Sequence:
         self.remaining = max_new_tokens
         self.logits: torch.Tensor | None = None  # (1, V) once prefilled
 
-    @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor) -> None:
         """`embeds` (1, L, D) appended to the cache; `logits` becomes what follows them."""
-        decoder = int4_decoder(self.model.llm)  # the int4 CPU path's own forward, where it applies
-        if decoder is not None:
-            self.logits = decoder.forward(embeds[0], self.cache)  # (1, V)
-        else:  # logits_to_keep=1: the prompt's other positions never need vocabulary logits
-            out = self.model.llm(inputs_embeds=embeds, cache=self.cache, use_cache=True, logits_to_keep=1)
-            self.logits = out.logits[:, -1]
+        self.logits = self.model.backend.prefill([self.cache], [embeds[0]])  # (1, V)
 
     def sample(self) -> int | None:
         """The next token from `logits`, or None when the reply is over (a stop token, or no budget left)."""
@@ -123,42 +114,19 @@ class Sequence:
         return token
 
 
-@torch.inference_mode()
-def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor]) -> int:
-    """`Sequence.prefill` for several sequences, chunks (1, N_i, D) each: one forward for all of them where the
-    int4 forward applies (`Int4Decoder.forward_packed`: the same logits as one by one, the weights read once),
-    one each otherwise. A chunk under DENSE_ROWS rows runs alone: alone it takes the int4 kernel, packed it
-    would take the bf16 copy, and its logits would depend on what it was packed with. Returns the number of
-    forwards run."""
-    decoder = int4_decoder(model.llm)
-    packed = [i for i, chunk in enumerate(chunks) if decoder is not None and chunk.shape[1] >= DENSE_ROWS]
-    packed = packed if len(packed) > 1 else []
-    for i, (sequence, chunk) in enumerate(zip(sequences, chunks)):
-        if i not in packed:
-            sequence.prefill(chunk)
-    if packed:
-        logits = decoder.forward_packed([chunks[i][0] for i in packed], [sequences[i].cache for i in packed])  # (S, V)
-        for row, i in enumerate(packed):
-            sequences[i].logits = logits[row : row + 1]
-    return len(chunks) - len(packed) + bool(packed)
+def prefill_packed(model, sequences: list[Sequence], chunks: list[torch.Tensor]) -> None:
+    """`Sequence.prefill` for several sequences, chunks (1, N_i, D) each, in as few forwards as the backend
+    can (the int4 one packs them: the weights read once for all)."""
+    logits = model.backend.prefill([s.cache for s in sequences], [chunk[0] for chunk in chunks])  # (S, V)
+    for row, sequence in enumerate(sequences):
+        sequence.logits = logits[row : row + 1]
 
 
-@torch.inference_mode()
 def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = False) -> None:
-    """Append one token to each sequence's cache and set its next logits, in one forward for all of them (each
-    sequence keeps its own cache): the int4 forward's batched step where it applies (`exact`: wide batches
-    stay on the int4 kernel, so every reply is bit for bit the reply decoded alone; `Int4Decoder.step`),
-    else transformers' forward over the batch (`mllm.batch_decode`), else one forward each."""
-    decoder, caches = int4_decoder(model.llm), [s.cache for s in sequences]
-    if decoder is not None:
-        logits = decoder.step(tokens, caches, wide=not exact)  # (B, V)
-    elif (batch := transformers_batch(model.llm)) is not None and (len(sequences) > 1 or batch.rows):
-        logits = batch.step(tokens, caches)  # (B, V)
-    else:  # one sequence alone, or a model neither batch takes
-        for sequence, token in zip(sequences, tokens):
-            ids = torch.tensor([[token]], device=model.device)
-            sequence.logits = model.llm(input_ids=ids, cache=sequence.cache, use_cache=True).logits[:, -1]
-        return
+    """Append one token to each sequence's cache and set its next logits, in one forward for all of them where
+    the backend batches (each sequence keeps its own cache). `exact`: every reply bit for bit the reply decoded
+    alone, where the backend's fast wide step is not (`mllm.backends`)."""
+    logits = model.backend.step(tokens, [s.cache for s in sequences], exact=exact)  # (B, V)
     for i, sequence in enumerate(sequences):
         sequence.logits = logits[i : i + 1]
 
@@ -166,10 +134,7 @@ def feed(model, sequences: list[Sequence], tokens: list[int], exact: bool = Fals
 def release(model, sequence: Sequence) -> None:
     """`sequence` leaves the batch `feed` decodes it in: its cache holds every position fed so far again
     (a batch's keys / values sit side by side while it runs)."""
-    decoder = int4_decoder(model.llm)
-    batch = transformers_batch(model.llm) if decoder is None else decoder
-    if batch is not None:
-        batch.release(sequence.cache)
+    model.backend.release(sequence.cache)
 
 
 def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
@@ -184,7 +149,7 @@ def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_
 def stream_ids(
     model,
     new_ids: torch.Tensor,
-    cache: DynamicCache,
+    cache,
     context_ids: list[int],
     gen: GenerationConfig,
     image_features: torch.Tensor | None = None,
@@ -286,13 +251,13 @@ class Reply(Iterator[str]):
         model,
         new_ids: torch.Tensor,
         gen: GenerationConfig,
-        cache: DynamicCache | None = None,
+        cache=None,
         context_ids: list[int] | None = None,
         features: torch.Tensor | None = None,
         cancel: threading.Event | None = None,
         batcher=None,
     ):
-        self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
+        self.cache = cache if cache is not None else model.backend.new_cache()
         self.finish_reason: str | None = None
         self._text = TextStream(model.processor)
         context_ids = context_ids or []

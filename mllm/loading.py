@@ -17,6 +17,7 @@ import torch
 
 from mllm.assembly import build_model, pick_device
 from mllm.atomic import recover
+from mllm.backends import choose as choose_backend
 from mllm.checkpoint import load_pretrained, with_quantization
 from mllm.config import CONFIG_FILE, MLLMConfig
 from mllm.errors import CheckpointError
@@ -33,17 +34,24 @@ BUILTIN = {"default": DEMO_DIR, "default-qformer": DEMO_DIR.parent / "demo-qform
 CPU_DEFAULT_QUANTIZATION = "int4"
 
 
-def load_model(name: str = "default", device: str | None = None, quantization: str | None = None) -> MLLM:
+def load_model(
+    name: str = "default", device: str | None = None, quantization: str | None = None, backend: str = "auto"
+) -> MLLM:
     """`default` (the built-in demo model), an mllm checkpoint directory, or a transformers LLaVA / BLIP-2 /
     InstructBLIP directory, or any of these by hub id (`org/name`, `org/name@revision`: `mllm.hub`); a path that
-    does not exist is a CheckpointError. `quantization` (none | 8bit | 4bit | int4) overrides the stored setting;
-    left out, a CPU load is `int4` (`CPU_DEFAULT_QUANTIZATION`) and a CUDA load keeps the stored setting."""
+    does not exist is a CheckpointError.
+
+    `backend` (`mllm.backends`): `llamacpp` runs the LLM in llama.cpp, and `quantization` then names its GGUF
+    type (q4_0, q4_1, q8_0, f16, f32); `int4` / `transformers` keep it in torch, `quantization` (none | 8bit |
+    4bit | int4) overriding the stored setting. `auto`: on a CPU, `mllm.backends.CPU_DEFAULT` where it is
+    installed and a torch quantization was not asked for, else int4; on CUDA the stored setting through
+    transformers."""
     name = _resolve(name)
-    if quantization is None and pick_device(device).type == "cpu":
-        quantization = CPU_DEFAULT_QUANTIZATION
+    options = choose_backend(backend, quantization, pick_device(device).type, CPU_DEFAULT_QUANTIZATION)
+    quantization = options.pop("quantization")
     if name in BUILTIN:
         if (BUILTIN[name] / CONFIG_FILE).is_file():
-            return load_pretrained(BUILTIN[name], device=device, quantization=quantization)
+            return load_pretrained(BUILTIN[name], device=device, quantization=quantization, **options)
         if name != "default":
             raise CheckpointError(
                 f"the built-in model {name!r} is not in this install ({BUILTIN[name]} has no {CONFIG_FILE}); "
@@ -52,17 +60,17 @@ def load_model(name: str = "default", device: str | None = None, quantization: s
         # No trained demo weights in this install: the default architecture with a seeded, untrained connector.
         torch.manual_seed(0)
         config = MLLMConfig() if quantization is None else with_quantization(MLLMConfig(), quantization)
-        return build_model(config, device=device, trainable=False)
+        return build_model(config, device=device, trainable=False, **options)
     path = Path(name)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         if detect_format(path) is not None:
-            return load_transformers(path, device=device, quantization=quantization)
+            return load_transformers(path, device=device, quantization=quantization, **options)
         if (hf_config := read_hf_config(path)) is not None:
             raise CheckpointError(
                 f"{path} is a transformers {hf_config.get('model_type', 'model')!r} checkpoint; mllm loads "
                 "llava, blip-2 and instructblip ones (or mllm checkpoints, which have mllm_config.json)"
             )
-    return load_pretrained(name, device=device, quantization=quantization)
+    return load_pretrained(name, device=device, quantization=quantization, **options)
 
 
 def load_processor(name: str = "default") -> Processor:

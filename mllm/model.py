@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.backends import select as select_backend
 from mllm.config import MLLMConfig
 from mllm.connectors import Connector
 from mllm.errors import MessageError
@@ -35,6 +36,18 @@ class MLLM(nn.Module):
         self.processor = processor
         self.image_token_id = processor.image_token_id
         self.tokens_per_image = connector.num_tokens
+        self._backend = None
+
+    @property
+    def backend(self):
+        """What decodes: `mllm.backends`, chosen once (at load by `mllm.loading`, else `auto` when first asked)."""
+        if self._backend is None:
+            self._backend = select_backend(self)
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend) -> None:
+        self._backend = backend
 
     def place(self, device: torch.device) -> MLLM:
         """Tower and connector follow the LLM's device and compute dtype (they are never quantized)."""

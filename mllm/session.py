@@ -15,7 +15,6 @@ import threading
 from collections.abc import Iterator
 
 import torch
-from transformers import DynamicCache
 
 from mllm.errors import MessageError
 from mllm.generation import GenerationConfig, Reply, image_features
@@ -55,7 +54,7 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list = []  # sources, in placeholder order
         self._features: list[torch.Tensor] = []  # per image: (N_img, D_llm), computed once
-        self._cache = DynamicCache(config=self.model.llm.config)
+        self._cache = self.model.backend.new_cache()
         self._cached_ids: list[int] = []  # exactly the ids whose keys/values are in the cache
         self.last_prefill_tokens = 0  # how many tokens the last turn had to prefill (for benchmarks)
 

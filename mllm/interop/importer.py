@@ -44,8 +44,9 @@ def plan_import(path: str | Path, template: str | None = None, expect: str | Non
     return PLANNERS[fmt](path, hf_config, template)
 
 
-def assemble_plan(plan: ImportPlan, device=None, llm_dtype: torch.dtype | None = None) -> MLLM:
-    """The MLLM an import plan describes; `llm_dtype` keeps the LLM in a given dtype (conversion)."""
+def assemble_plan(plan: ImportPlan, device=None, llm_dtype: torch.dtype | None = None, **backend) -> MLLM:
+    """The MLLM an import plan describes; `llm_dtype` keeps the LLM in a given dtype (conversion); `backend`,
+    `gguf_type`: what decodes (`mllm.assembly.assemble`)."""
     return assemble(
         plan.config,
         plan.tokenizer,
@@ -54,17 +55,22 @@ def assemble_plan(plan: ImportPlan, device=None, llm_dtype: torch.dtype | None =
         qformer_tokenizer=plan.qformer_tokenizer,
         connector_state=plan.connector_state,
         llm_dtype=llm_dtype,
+        **backend,
     )
 
 
 def load_transformers(
-    path: str | Path, device: str | None = None, quantization: str | None = None, template: str | None = None
+    path: str | Path,
+    device: str | None = None,
+    quantization: str | None = None,
+    template: str | None = None,
+    **backend,
 ) -> MLLM:
     """An MLLM straight from a LLaVA / BLIP-2 / InstructBLIP transformers directory (recognised by its config)."""
     plan = plan_import(path, template)
     if quantization is not None:
         plan.config = with_quantization(plan.config, quantization)
-    return assemble_plan(plan, device)
+    return assemble_plan(plan, device, **backend)
 
 
 def convert(src: str | Path, out: str | Path, source: str | None = None, template: str | None = None) -> Path:
