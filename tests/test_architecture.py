@@ -148,3 +148,34 @@ def test_the_readme_module_map_matches_the_tree():
     assert not named - actual - {"scripts/bench_*.py"}, (
         f"the README names modules that do not exist: {sorted(named - actual)}"
     )
+
+
+# The decode backends and the modules that only they use. Everything else decodes through `model.backend`.
+BACKEND_MODULES = {"mllm.backends.llamacpp", "mllm.backends.torch_backends", "mllm.int4_decode", "mllm.batch_decode"}
+BACKEND_NAMES = {
+    "int4_decoder",
+    "transformers_batch",
+    "Int4Decoder",
+    "TransformersBatch",
+    "LlamaCppBackend",
+    "llama_cpp",
+}
+
+
+def test_no_module_outside_the_backends_names_one():
+    """The backend is chosen once at load (`mllm.backends.select`); no other module imports a backend's module
+    or names its classes, so nothing works the choice out again at run time."""
+    files = [p for layer in LAYERS for p in (REPO / layer).rglob("*.py")]
+    modules = {_module_name(p) for p in files}
+    offenders = []
+    for path in files:
+        name = _module_name(path)
+        if name.startswith("mllm.backends") or name in BACKEND_MODULES:
+            continue
+        imported = _imports(path, modules | {"llama_cpp"}) & (BACKEND_MODULES | {"llama_cpp"})
+        tree = ast.parse(path.read_text())
+        named = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & BACKEND_NAMES
+        named |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & BACKEND_NAMES
+        if imported or named:
+            offenders.append(f"{name}: {sorted(imported | named)}")
+    assert offenders == []
