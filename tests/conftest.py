@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
 from PIL import Image
 
 # Tests never reach a hub; any attempt fails fast instead of hanging (set before transformers is imported).
@@ -16,6 +17,32 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from mllm.assembly import build_model  # noqa: E402
 from mllm.tiny import build_clip, build_llama  # noqa: E402
+
+# Hypothesis: in CI (the CI environment variable set) every run draws the same examples and keeps no database of
+# failing ones, so a red run is red again on the next try and a green one does not depend on the draw; a
+# failure found that way belongs in the test as an explicit @example. Locally it explores as usual.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("dev")
+HYPOTHESIS_PROFILE = "ci" if os.environ.get("CI") else "dev"
+hypothesis_settings.load_profile(HYPOTHESIS_PROFILE)
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_figures(pattern: str) -> tuple[str, ...]:
+    """The groups of `pattern` in README.md, its line breaks and runs of spaces read as one space: the figures a
+    test checks come from the README itself, so a changed figure is a failing test."""
+    import re
+
+    text = " ".join(README.read_text().split())
+    match = re.search(pattern, text)
+    assert match, f"README.md no longer says /{pattern}/: update the test with the sentence"
+    return match.groups()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # At the end, where `pytest -q` still prints (it drops the header).
+    terminalreporter.write_line(f"hypothesis profile: {HYPOTHESIS_PROFILE} (CI={os.environ.get('CI', '')!r})")
 
 
 @pytest.fixture(scope="session")
