@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import readme_figures
 
 from app.engine import ChatEngine
 from mllm.batching import Batcher
@@ -108,7 +109,7 @@ def test_a_wide_batch_decodes_each_reply_as_alone(int4_model, images):
 
 
 @torch.inference_mode()
-def test_a_wide_step_through_the_bf16_copy_gives_each_row_its_own_logits(int4_model):
+def test_a_wide_step_through_the_bf16_copy_gives_each_row_its_own_logits_within_1_percent(int4_model):
     """A step of more than DENSE_ROWS sequences through the bf16 copy: every row's logits are that sequence's
     logits decoded alone on the int4 kernel, to bf16 rounding (a row mixed up with another's keys, position or
     token would be off by the logits' whole scale). Teacher-forced, so a near-tie cannot make the two runs
@@ -134,7 +135,10 @@ def test_a_wide_step_through_the_bf16_copy_gives_each_row_its_own_logits(int4_mo
             worst = max(worst, ((together[r] - own[0]).abs().max() / own.abs().max()).item())
     for cache in batched:
         decoder.release(cache)
-    assert worst < 0.05, f"a row's logits are {worst:.1%} of their scale away from its own"
+    # The README's bound ("the tests check each row's logits against its own, within 1% of their scale on the tiny
+    # model"); measured: 0.84%. A row mixed up with another's keys, position or token is off by its whole scale.
+    (figure,) = readme_figures(r"against its own, within (\d+)% of their scale on the tiny model")
+    assert worst < int(figure) / 100, f"a row's logits are {worst:.2%} of their scale away from its own"
 
 
 def test_a_cancelled_reply_leaves_the_batch_and_the_others_finish_unchanged(int4_model, images):
@@ -294,7 +298,8 @@ def test_the_transformers_forward_decodes_a_batch_with_each_rows_own_logits(floa
         together = batch.step(tokens, [batched[r] for r in rows])  # (B, V)
         for k, (r, token) in enumerate(zip(rows, tokens)):
             own = llm(input_ids=torch.tensor([[token]]), cache=alone[r], use_cache=True).logits[:, -1]
-            torch.testing.assert_close(together[k : k + 1], own, rtol=1e-4, atol=1e-4)
+            # README: "Each row's logits are its own to 1e-4 in float32"; measured: 1.5e-7.
+            torch.testing.assert_close(together[k : k + 1], own, rtol=0, atol=1e-4)
     for cache in batched:
         batch.release(cache)
     assert batch.rows == []
@@ -302,3 +307,43 @@ def test_the_transformers_forward_decodes_a_batch_with_each_rows_own_logits(floa
         assert one.get_seq_length() == other.get_seq_length()
         for a, b in zip(one.layers, other.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_bitsandbytes_4bit_rows_decoded_together_keep_their_own_logits_within_1_percent(tiny_config):
+    """The README: with bitsandbytes 4-bit weights each row of a batched step has its own logits "to 1% of their
+    scale". Five sequences of different lengths through one transformers forward per step, two leaving half way
+    and the rest coming back reordered, teacher-forced; measured on CPU: 0.0% (each row's product is the row's
+    own there)."""
+    from transformers import DynamicCache
+
+    from mllm.assembly import build_model
+    from mllm.batch_decode import transformers_batch
+    from mllm.config import LLMConfig
+
+    torch.manual_seed(0)
+    config = tiny_config.replace(llm=LLMConfig(path=tiny_config.llm.path, quantization="4bit"))
+    llm = build_model(config, device="cpu").eval().llm
+    assert type(llm.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    batch = transformers_batch(llm)
+    assert batch is not None  # 4-bit decodes batched (LLM.int8() does not: test_quantization.py)
+    torch.manual_seed(5)
+    vocab = llm.config.vocab_size
+    prompts = [torch.randint(0, vocab, (1, n)) for n in (3, 17, 9, 30, 5)]
+    batched, alone = [DynamicCache() for _ in prompts], [DynamicCache() for _ in prompts]
+    for prompt, one, other in zip(prompts, batched, alone):
+        llm(input_ids=prompt, cache=one, use_cache=True)
+        llm(input_ids=prompt, cache=other, use_cache=True)
+    worst = 0.0
+    for step in range(12):
+        rows = [0, 1, 2, 3, 4] if step < 6 else [4, 2, 0]
+        tokens = [(13 * step + 7 * r) % vocab for r in rows]
+        together = batch.step(tokens, [batched[r] for r in rows])  # (B, V)
+        for k, (r, token) in enumerate(zip(rows, tokens)):
+            own = llm(input_ids=torch.tensor([[token]]), cache=alone[r], use_cache=True).logits[0, -1]
+            worst = max(worst, ((together[k] - own).abs().max() / own.abs().max()).item())
+    for cache in batched:
+        batch.release(cache)
+    assert batch.rows == []
+    (figure,) = readme_figures(r"to (\d+)% of their scale with 4-bit weights")
+    assert worst < int(figure) / 100, f"a row's logits are {worst:.2%} of their scale away from its own"

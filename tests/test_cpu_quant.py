@@ -13,7 +13,7 @@ from mllm.commandline import Parser, UsageError, add_model_args, quantization
 from mllm.config import LLMConfig, LoraConfig
 from mllm.cpu_quant import GROUP_SIZE, Int4Linear, Int4Part, Int4Siblings, quantize_int4
 from mllm.errors import CheckpointError
-from mllm.generation import GenerationConfig, generate, image_features
+from mllm.generation import GenerationConfig, image_features, reply
 from mllm.loading import load_model
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -98,6 +98,20 @@ def _ask(text):
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
+#: How far below the full-precision model's best logit (as a fraction of that position's logit range) int4's
+#: first greedy token may be. int4 moves the tiny model's logits by up to 6% of their range, so a near-tie may
+#: go either way on another CPU's rounding. Measured on the tiny LoRA checkpoint: int4 picks float32's token
+#: (its own runner-up 1.4% of the range behind), and float32's runner-up is 2.7% below its best.
+INT4_TIE = 0.03
+
+
+def _greedy_ids(model, images, gen: GenerationConfig) -> list[int]:
+    """The greedy reply's token ids to "what color" about the first image."""
+    answer = reply(model, model.processor.encode(_ask("what color"), images[:1], add_generation_prompt=True), gen)
+    "".join(answer)
+    return list(answer.ids)
+
+
 @pytest.fixture
 def lora_checkpoint(tiny_config, tmp_path):
     """A tiny mllm checkpoint with a LoRA adapter whose update is large enough to change the answers."""
@@ -132,10 +146,15 @@ def test_an_int4_model_keeps_its_adapter_and_leaves_tower_and_connector_alone(lo
         got = fast(batch["input_ids"], pixel_values=batch["pixel_values"])[0][0, -1].float()
     assert torch.isfinite(got).all()
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.98
-    # Greedy decoding with the KV cache agrees with itself and has the full model's first token.
+    # Greedy decoding with the KV cache agrees with itself and starts with the full model's first token (or, on a
+    # near-tie, one whose full-precision logit is within INT4_TIE of the best: int4 rounding decides those).
     gen = GenerationConfig(max_new_tokens=8)
-    first = generate(fast, _ask("what color"), images[:1], gen=gen)
-    assert generate(fast, _ask("what color"), images[:1], gen=gen) == first
+    ids = _greedy_ids(fast, images, gen)
+    assert 1 <= len(ids) <= gen.max_new_tokens and _greedy_ids(fast, images, gen) == ids
+    full_first = _greedy_ids(full, images, GenerationConfig(max_new_tokens=1))[0]
+    assert full_first == int(want.argmax())  # the decode loop's first token is the prompt's best logit
+    below_best = ((want.max() - want[ids[0]]) / (want.max() - want.min())).item()
+    assert ids[0] == full_first or below_best <= INT4_TIE, (ids[0], full_first, below_best)
 
 
 def test_int4_is_refused_for_training(tiny_config):

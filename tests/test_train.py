@@ -265,14 +265,20 @@ def test_gradient_accumulation_matches_one_big_batch(run):
     assert max_diff(*states) <= 1e-5
 
 
-@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 training on CPU needs AMX or AVX512-BF16")
-def test_bf16_on_a_cpu_trains_with_fp32_attention_and_serves_plain_sdpa(run):
-    result, model = run("bf16", max_steps=20, precision="bf16", **INSTRUCT_LORA)
+def test_auto_precision_on_a_cpu_trains_bf16_where_it_is_fast_and_fp32_elsewhere(run):
+    # Runs on every CPU, each taking its own branch: with AMX or AVX512-BF16 (read as training.precision reads
+    # them) bf16 autocast with the frozen LLM weights in bf16 and fp32 attention; without, plain fp32. The
+    # branch a CPU does not take runs here when the feature reader is monkeypatched.
+    fast = cpu_has_fast_bf16()
+    assert use_bf16("auto", cpu=True) == fast
+    result, model = run("auto", max_steps=20, precision="auto", **INSTRUCT_LORA)
     assert overfits(result.losses), result.losses
     base = model.llm.get_base_model()
     assert base.config._attn_implementation == "sdpa"  # the training-only kernel is not left behind
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # Adam's updates are not rounded
+    frozen = {p.dtype for p in base.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if fast else {torch.float32}), (fast, frozen)
 
 
 def test_bf16_is_refused_where_it_would_be_slow(monkeypatch):
