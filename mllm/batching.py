@@ -193,8 +193,10 @@ class Batcher:
                 if job is None:
                     break
                 fn, future = job
+                job = None  # this loop's locals outlive the job: they must not keep its sequence alive
                 if isinstance(fn, _Prefill):
                     self._run_prefills(fn, future)
+                    fn = future = None
                     if time.perf_counter() - started > JOB_BUDGET_S:
                         break
                     continue
@@ -203,6 +205,7 @@ class Batcher:
                         future.set_result(fn())
                 except BaseException as e:  # noqa: BLE001 - the caller gets it, the thread goes on
                     future.set_exception(e)
+                fn = future = None
                 if time.perf_counter() - started > JOB_BUDGET_S:
                     break
             with self._cond:

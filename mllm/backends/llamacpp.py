@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -89,6 +90,7 @@ class LlamaCppBackend:
         embed: torch.nn.Embedding | None = None,
     ):
         lc = self.lc = _binding()
+        _quiet(lc)
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
         params.use_mmap = True  # the weights stay in the page cache: nothing is converted at start
@@ -203,7 +205,7 @@ class LlamaCppBackend:
         all of them), each row in its own sequence at its own position; the logits after each chunk (S, V)."""
         self._clear_forgotten()
         rows = []  # (cache, position, embedding row index into `embeds`, wants logits)
-        embeds = torch.cat([chunk.float() for chunk in chunks]).numpy()  # (T, D)
+        embeds = torch.cat([chunk.detach().float() for chunk in chunks]).numpy()  # (T, D)
         index = 0
         for cache, chunk in zip(caches, chunks):
             for k in range(chunk.shape[0]):
@@ -256,6 +258,23 @@ class LlamaCppBackend:
             return torch.from_numpy(out)  # (rows wanting logits, V)
         finally:
             lc.llama_batch_free(batch)
+
+
+_LOG_CALLBACK = None
+GGML_LOG_LEVEL_ERROR = 4
+
+
+def _quiet(lc) -> None:
+    """llama.cpp logs every tensor and setting it loads to stderr: keep its errors only."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+
+        def log(level, text, _data) -> None:
+            if level == GGML_LOG_LEVEL_ERROR:
+                print(f"llama.cpp: {text.decode(errors='replace').rstrip()}", file=sys.stderr)
+
+        _LOG_CALLBACK = lc.llama_log_callback(log)  # kept: the C side holds only a pointer to it
+        lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _set_adapter(lc, ctx, adapter) -> None:
