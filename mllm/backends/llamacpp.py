@@ -28,7 +28,8 @@ import torch
 from mllm.errors import CheckpointError, MLLMError
 
 # KV cells of the one store every sequence shares (running replies, sessions, the prefix cache's entries):
-# 23 KB a token for the default model in f16, so 16,384 cells take ~370 MB.
+# 23 KB a token for the default model in f16, so 16,384 cells take ~370 MB. When it is full, the backend's
+# `reclaimers` (the prefix cache's least recently used entries) give cells back before a decode fails.
 KV_TOKENS = 16384
 # Sequence ids: every live cache holds one (llama.cpp allows up to 256 in one context).
 MAX_SEQUENCES = 256
@@ -118,6 +119,7 @@ class LlamaCppBackend:
             _set_adapter(lc, self.ctx, self.adapter)
         self.embed = embed  # token embeddings for decode steps come from llama.cpp itself; kept for callers
         self.prefill_forwards = 0
+        self.reclaimers: list = []  # weak references to callables that free some caches and say whether they did
         self._free = list(range(MAX_SEQUENCES - 1, -1, -1))
         self._forgotten: list[int] = []  # ids of caches collected on any thread, cleared on the model thread
         self._lock = threading.Lock()
@@ -156,6 +158,8 @@ class LlamaCppBackend:
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> SeqCache:
         self._clear_forgotten()
+        if not self._free:
+            self._reclaim()
         with self._lock:
             if not self._free:
                 raise LlamaCppError(
@@ -186,6 +190,15 @@ class LlamaCppBackend:
 
     def _remove(self, seq: int, keep: int) -> None:
         self.lc.llama_memory_seq_rm(self.memory, seq, keep, -1)
+
+    def _reclaim(self) -> bool:
+        """Ask the reclaimers to free caches; True if any did (their cells and ids are free again)."""
+        freed = any((reclaim := ref()) is not None and reclaim() for ref in self.reclaimers)
+        import gc
+
+        gc.collect()  # a freed cache inside a reference cycle: its finalizer runs now
+        self._clear_forgotten()
+        return freed
 
     def _forget(self, seq: int) -> None:
         with self._lock:  # may run on any thread (garbage collection): cleared later on the model thread
@@ -246,6 +259,8 @@ class LlamaCppBackend:
                 batch.seq_id[i][0] = cache.seq
                 batch.logits[i] = wants
             status = lc.llama_decode(self.ctx, batch)
+            while status == 1 and self._reclaim():  # no KV cells left: cached prefixes give theirs back
+                status = lc.llama_decode(self.ctx, batch)
             if status != 0:
                 raise LlamaCppError(
                     f"llama.cpp could not decode (status {status}: its KV store of {KV_TOKENS} tokens is full); "
