@@ -80,11 +80,21 @@ class ChatEngine:
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
 
     @classmethod
-    def load(cls, name: str = "default", device: str | None = None, quantization: str | None = None, **kwargs):
+    def load(
+        cls,
+        name: str = "default",
+        device: str | None = None,
+        quantization: str | None = None,
+        backend: str = "auto",
+        **kwargs,
+    ):
         """`load_model(name)` on a new model thread, and the engine over it."""
         from mllm.loading import load_model
 
-        return cls.on_model_thread(lambda: load_model(name, device=device, quantization=quantization), name, **kwargs)
+        def load():
+            return load_model(name, device=device, quantization=quantization, backend=backend)
+
+        return cls.on_model_thread(load, name, **kwargs)
 
     @classmethod
     def on_model_thread(cls, load, name: str = "mllm", max_concurrency: int = 16, **kwargs):
@@ -386,6 +396,7 @@ class ChatEngine:
             "connector": cfg.connector.kind,
             "llm": cfg.llm.path,
             "quantization": cfg.llm.quantization,
+            "backend": model.backend.name,
             "device": str(model.device),
             # bitsandbytes packs 4-bit weights two to a byte, so this counts stored elements, not the original shapes.
             "parameters": sum(p.numel() for p in model.parameters()),

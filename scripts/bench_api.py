@@ -10,7 +10,7 @@ cache off.
 Bounded: at most 64 conversations, 512 tokens each, and a wall-clock limit.
 
     .venv/bin/python scripts/bench_api.py [--model default] [--levels 1,4,16] [--max-tokens 32]
-        [--max-concurrency 16] [--turns 5] [--long-prompt 7000] [--ignore-eos] [--quantization none]
+        [--max-concurrency 16] [--turns 5] [--long-prompt 7000] [--ignore-eos] [--quantization none] [--backend llamacpp]
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantization", default=None, help="int4 | none | 4bit | 8bit (default: the model's own, int4 on CPU)"
     )
+    p.add_argument("--backend", default="auto", help="llamacpp | int4 | transformers (default: the CPU default)")
     p.add_argument("--levels", default="1,4,16", help="concurrent conversations to measure, a comma list (1..64)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (1..512)")
     p.add_argument("--max-concurrency", type=int, default=16, help="replies the engine generates (batches) at once")
@@ -253,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         device=args.device,
         quantization=args.quantization,
+        backend=args.backend,
         max_concurrency=args.max_concurrency,
         max_queue=max(levels),
     )
     info = engine.info()
     print(
-        f"model {args.model!r} ({info['quantization']}) loaded in {time.perf_counter() - t0:.1f} s on {info['device']}"
+        f"model {args.model!r} ({info['backend']}, {info['quantization']}) loaded in {time.perf_counter() - t0:.1f} s on {info['device']}"
     )
     scenes = [render(make_scene(random.Random(1000 + i))) for i in range(max(levels))]
     images = [data_uri(scene) for scene in scenes]
