@@ -35,11 +35,26 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
-def test_prompt_streams_one_answer(checkpoint, image_file, capsys):
+def test_prompt_prints_the_greedy_reply_to_the_image_and_prompt(checkpoint, image_file, tmp_path, capsys):
+    from mllm.generation import GenerationConfig, generate
+    from mllm.loading import load_model
+
     code = main(["chat", "--model", checkpoint, "--image", image_file, "--max-new-tokens", "5", "what color"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.endswith("\n")
+    # The library's reply for the model as `mllm chat` loads it (the CPU default), the image before the question
+    # in one user turn, greedy, 5 tokens: the command prints it whole, then a newline, and nothing else.
+    model, gen = load_model(checkpoint, device="cpu"), GenerationConfig(max_new_tokens=5)
+
+    def reply(text, image):
+        return generate(model, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                        [image], gen=gen)  # fmt: skip
+
+    assert out == reply("what color", image_file) + "\n"
+    # Which makes the check worth something: on the tiny model another image or prompt gets another reply.
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(blue)
+    assert out != reply("what color", str(blue)) + "\n" and out != reply("what shape", image_file) + "\n"
 
 
 @pytest.mark.parametrize(
