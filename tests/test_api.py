@@ -1,5 +1,5 @@
 """The OpenAI-compatible API, served for real by uvicorn on loopback and driven by the `openai` client, on the
-tiny model in float32 and in int4 (the CPU default: the int4 forward, its packed prefill and batched steps)."""
+tiny model in float32, on torch's int4 forward and on the CPU default backend (llama.cpp: its GGUF written once)."""
 
 from __future__ import annotations
 
@@ -25,15 +25,17 @@ from mllm.loading import load_model
 KEY = "test-key"
 
 
-@pytest.fixture(scope="module", params=["float32", "int4"])
+@pytest.fixture(scope="module", params=["float32", "int4", "cpu-default"])
 def model(request, tiny_config, tmp_path_factory):
     torch.manual_seed(0)
     full = build_model(tiny_config, device="cpu").eval()
     if request.param == "float32":
         return full
-    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
     save_pretrained(full, directory)
-    return load_model(str(directory), device="cpu", quantization="int4")  # what `mllm api` serves on a CPU
+    if request.param == "int4":
+        return load_model(str(directory), device="cpu", backend="int4")
+    return load_model(str(directory), device="cpu")  # what `mllm api` serves on a CPU: llama.cpp today
 
 
 @pytest.fixture(scope="module")

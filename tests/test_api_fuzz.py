@@ -26,13 +26,11 @@ from mllm.loading import load_model
 
 @pytest.fixture(scope="module")
 def url(tiny_config, tmp_path_factory):
-    # The CPU default: the tiny model's LLM in int4, as `mllm api` serves it.
+    # The CPU default backend (llama.cpp today), as `mllm api` serves the tiny model.
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
     save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
-    engine = ChatEngine(
-        load_model(str(directory), device="cpu", quantization="int4"), name="tiny", gen=GenerationConfig(4)
-    )
+    engine = ChatEngine(load_model(str(directory), device="cpu"), name="tiny", gen=GenerationConfig(4))
     with serving(create_app(engine, max_body_bytes=2**20)) as base:
         yield base
 

@@ -31,11 +31,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def model(tiny_config, tmp_path_factory):
-    """The CPU default: the tiny model's LLM in int4, as `mllm api` serves it."""
+    """The CPU default backend (llama.cpp today), as `mllm api` serves the tiny model."""
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("int4") / "ckpt"
+    directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
     save_pretrained(build_model(tiny_config, device="cpu").eval(), directory)
-    return load_model(str(directory), device="cpu", quantization="int4")
+    return load_model(str(directory), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,19 @@ README_QFORMER_TEST_ACCURACY = {"int4": int(QFORMER_INT4) / 100, "none": int(QFO
 ONE_QUESTION = 1 / 50
 
 
-@pytest.fixture(scope="module", params=["int4", "none"])
+@pytest.fixture(scope="module", params=["auto", "int4", "none"])
 def demo_model(request):
-    """The demo model as a CPU user gets it (int4, the CPU default) and in full precision."""
+    """The demo model as a CPU user gets it (`auto`: llama.cpp with the q8_0 GGUF and the adapter applied at
+    run time), on torch's int4 kernel, and in full precision."""
     from mllm.loading import load_model
 
     assert (DEMO_DIR / "mllm_config.json").is_file(), "the demo weights are missing from mllm/assets/demo"
-    return load_model("default", device="cpu", quantization=request.param)
+    if request.param == "auto":
+        model = load_model("default", device="cpu")
+        assert model.backend.name == "llamacpp"
+        return model
+    backend = "int4" if request.param == "int4" else "transformers"
+    return load_model("default", device="cpu", quantization=request.param, backend=backend)
 
 
 @pytest.fixture(scope="module", params=["int4", "none"])
@@ -53,7 +59,8 @@ def qformer_model(request):
     from mllm.loading import load_model
 
     assert (BUILTIN["default-qformer"] / "mllm_config.json").is_file(), "the Q-Former demo weights are missing"
-    return load_model("default-qformer", device="cpu", quantization=request.param)
+    backend = "int4" if request.param == "int4" else "transformers"
+    return load_model("default-qformer", device="cpu", quantization=request.param, backend=backend)
 
 
 def _fifty_fixed_test_questions(model, tmp_path) -> tuple[float, list[dict]]:
@@ -113,11 +120,14 @@ def test_merged_then_quantized_the_demo_model_answers_at_the_readmes_figure(demo
     assert demo_model.config.llm.quantization == "none" and demo_model.config.llm.lora is not None
     paths = write_dataset(tmp_path, n=400, seed=0)
     rows = [row for row in read_rows(paths["test_qa"], paths["images"])[:50] if row.raw["type"] != "describe"][:20]
-    full_precision = demo_model.llm
+    from mllm.backends import select
+
+    full_precision, backend = demo_model.llm, demo_model.backend
     demo_model.llm = quantize_int4(copy.deepcopy(full_precision))  # merged (at load), then quantized
+    demo_model.backend = select(demo_model, "int4")  # the backend decodes the LLM it was chosen for
     try:
         summary, predictions = evaluate(demo_model, rows, max_new_tokens=8, progress=False)
     finally:
-        demo_model.llm = full_precision
+        demo_model.llm, demo_model.backend = full_precision, backend
     right = [p for p in predictions if p["ok"]]
     assert round(100 * summary["accuracy"]) == int(figure), right

@@ -135,7 +135,9 @@ def test_a_killed_eval_resumes_to_the_same_scores(shapes, tiny_ckpt, tmp_path, c
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     settings = json.loads((tmp_path / "resumed.settings.json").read_text())
     assert settings["generation"]["max_new_tokens"] == 4 and settings["generation"]["greedy"]
-    assert "{%" in settings["chat_template"] and settings["quantization"] == "int4"  # the CPU default, recorded
+    from mllm.backends import CPU_DEFAULT
+
+    assert "{%" in settings["chat_template"] and settings["backend"] == CPU_DEFAULT  # the CPU default, recorded
 
 
 def _answers(path) -> dict[str, str]:
@@ -181,10 +183,11 @@ def test_batch_size_8_gives_the_demo_model_the_same_answers_as_one_at_a_time(tmp
 
     monkeypatch.setattr("training.evaluate.Batcher", Watched)
     args = ["--data", str(paths["test_qa"]), "--image-folder", str(paths["images"]), "--limit", str(n)]
+    args += ["--backend", "int4"]  # the claim is the int4 path's: its wide steps take the bf16 copy
     assert main([*args, "--answers-file", str(tmp_path / "one.jsonl")]) == 0
     assert main([*args, "--answers-file", str(tmp_path / "batched.jsonl"), "--batch-size", str(batch)]) == 0
     settings = json.loads((tmp_path / "batched.settings.json").read_text())
-    assert settings["model"] == "default" and settings["quantization"] == "int4"  # the CPU default
+    assert settings["model"] == "default" and settings["quantization"] == "int4" and settings["backend"] == "int4"
     assert max(widths) == batch  # the steps really were that wide: through the bf16 copy
     one, batched = _answers(tmp_path / "one.jsonl"), _answers(tmp_path / "batched.jsonl")
     assert len(one) == n and batched == one, [qid for qid in one if batched.get(qid) != one[qid]]

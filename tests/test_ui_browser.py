@@ -163,12 +163,12 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
 
 
 @pytest.fixture
-def int4_app_url(tiny_config, tmp_path, monkeypatch):
-    """The UI over the CPU default: the tiny model's LLM in int4, as `mllm ui` serves it."""
+def default_app_url(tiny_config, tmp_path, monkeypatch):
+    """The UI over the CPU default backend (llama.cpp today), as `mllm ui` serves the tiny model."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     torch.manual_seed(0)
     save_pretrained(build_model(tiny_config, device="cpu").eval(), tmp_path / "ckpt")
-    model = load_model(str(tmp_path / "ckpt"), device="cpu", quantization="int4")
+    model = load_model(str(tmp_path / "ckpt"), device="cpu")
     engine = ChatEngine(model, name="tiny", gen=GenerationConfig(max_new_tokens=12))
     exports = ui.export_shelf()
     demo = ui.build(engine, exports=exports)
@@ -179,8 +179,8 @@ def int4_app_url(tiny_config, tmp_path, monkeypatch):
     exports.close()
 
 
-def test_the_default_int4_backend_answers_in_the_browser(int4_app_url, page, tmp_path):
-    url, engine, model = int4_app_url
+def test_the_cpu_default_backend_answers_in_the_browser(default_app_url, page, tmp_path):
+    url, engine, model = default_app_url
     page.goto(url, wait_until="load")
     page.wait_for_selector("#box textarea")
     image = tmp_path / "blue.png"

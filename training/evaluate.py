@@ -316,7 +316,9 @@ def _load(args):
     """The model, and a batcher over it when --batch-size > 1."""
     from mllm.loading import load_model
 
-    load = lambda: load_model(args.model, device=args.device, quantization=quantization(args))  # noqa: E731
+    load = lambda: load_model(  # noqa: E731
+        args.model, device=args.device, quantization=quantization(args), backend=args.backend
+    )
     try:
         if args.batch_size > 1:  # loaded on the batcher's model thread, where it will run (one OpenMP team)
             import threading
@@ -337,6 +339,7 @@ def _write_settings(args, model, gen: GenerationConfig) -> None:
     settings = {
         "model": args.model,
         "quantization": model.config.llm.quantization,
+        "backend": model.backend.name,
         "template": model.config.template,
         "chat_template": model.processor.template,
         "generation": {

@@ -24,7 +24,7 @@ import torch
 BACKENDS = ("auto", "llamacpp", "int4", "transformers")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # the LLM's weight types with the llamacpp backend
 # The CPU's decode backend unless told otherwise, where it is installed (measured: scripts/bench_infer.py).
-CPU_DEFAULT = "int4"
+CPU_DEFAULT = "llamacpp"
 
 
 class Backend(Protocol):
