@@ -9,17 +9,19 @@ A conversation's state, its history and the LLaVA export writer live in app.conv
 
 from __future__ import annotations
 
+import io
 import itertools
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, write_llava
 from app.prefix_cache import FeatureCache, PrefixCache, image_hash, prefix_key
@@ -30,9 +32,37 @@ from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
 from mllm.session import ChatSession, image_count, text_of
 
-# Images decoding at once across all requests. Each decode may briefly hold its decoded image and one
-# intermediate, both capped by max_pixels (Pillow keeps RGB in 4 bytes a pixel): 0.3-0.8 GB at 40 Mpx.
+# Large images decoding at once across all requests. Each may briefly hold its decoded image and one
+# intermediate, both capped by max_pixels (Pillow keeps RGB in 4 bytes a pixel): 0.3-0.8 GB at 40 Mpx, ~1 s.
+# Images up to SMALL_IMAGE_PIXELS (a 12-megapixel phone photo) take no slot: an ordinary request never waits
+# behind someone's eight 40-megapixel uploads.
 DECODE_SLOTS = 2
+SMALL_IMAGE_PIXELS = 12_000_000
+
+
+def _keep_freed_memory_off_the_heap() -> None:
+    """Large buffers (decoded images) always from mmap, so freeing one gives its memory back to the system.
+    glibc otherwise raises its mmap threshold after the first such free and keeps later ones in per-thread
+    heaps: a server that decoded a few 40-megapixel images from its worker threads then held ~5 GB."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: a fixed 1 MiB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _header_pixels(source) -> int:
+    """An image's pixel count from its header (nothing decoded); 0 when it cannot be read (the load says why)."""
+    try:
+        if isinstance(source, Image.Image):
+            return source.width * source.height
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - the real load reports the problem with the image's name
+        return 0
 
 
 @contextmanager
@@ -75,6 +105,7 @@ class ChatEngine:
         self._model_lock = self.batcher.lock
         self._lock = threading.RLock()  # guards the conversation table; never held around a model call
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        _keep_freed_memory_off_the_heap()
         self._encode_lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
@@ -344,11 +375,13 @@ class ChatEngine:
     def _load_images(self, sources: list, names: list[str]) -> list:
         """Decode each image within the processor's limits and keep only the model-sized pixels (what the
         tower sees: 150 KB at 224 px, 340 KB at 336) rather than the decoded original (up to 160 MB). At most
-        DECODE_SLOTS images decode at once, so the transient peak is bounded whatever the number of clients."""
+        DECODE_SLOTS large images decode at once, so the transient peak is bounded whatever the number of
+        clients."""
         loaded = []
         with _user_errors():
             for source, name in zip(sources, names, strict=True):
-                with self._decode_slots:
+                large = _header_pixels(source) > SMALL_IMAGE_PIXELS
+                with self._decode_slots if large else nullcontext():
                     loaded.append(self.model.processor.image_processor.load(source, name=name))
         return loaded
 
