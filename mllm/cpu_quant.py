@@ -262,4 +262,6 @@ def quantize_int4(llm: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
     _fuse_norms(llm)
     if hasattr(llm, "config"):
         llm.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+    for kept in ("_int4_decoder", "_transformers_batch"):  # built for the weights as they were (mllm.backends)
+        llm.__dict__.pop(kept, None)
     return llm.eval()
