@@ -88,7 +88,6 @@ class LlamaCppBackend:
         adapter: str | Path | None = None,
         kv_tokens: int = KV_TOKENS,
         threads: int | None = None,
-        embed: torch.nn.Embedding | None = None,
     ):
         lc = self.lc = _binding()
         _quiet(lc)
@@ -117,14 +116,12 @@ class LlamaCppBackend:
             if not self.adapter:
                 raise CheckpointError(f"{adapter}: llama.cpp could not load this LoRA adapter")
             _set_adapter(lc, self.ctx, self.adapter)
-        self.embed = embed  # token embeddings for decode steps come from llama.cpp itself; kept for callers
         self.prefill_forwards = 0
         self.reclaimers: list = []  # weak references to callables that free some caches and say whether they did
         self._free = list(range(MAX_SEQUENCES - 1, -1, -1))
         self._forgotten: list[int] = []  # ids of caches collected on any thread, cleared on the model thread
         self._lock = threading.Lock()
-        self._closed = False
-        weakref.finalize(self, _close, lc, self.ctx, self.model, self.adapter)
+        weakref.finalize(self, _close, lc, self.ctx, self.model)
 
     @classmethod
     def for_model(
@@ -152,8 +149,7 @@ class LlamaCppBackend:
         else:
             gguf = cached_gguf(base_dir, gguf_type, cache)
         lora = cached_lora_gguf(adapter, base_dir, cache) if adapter is not None else None
-        embed = model.llm.get_input_embeddings()
-        return cls(gguf, lora, embed=embed, **options)
+        return cls(gguf, lora, **options)
 
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> SeqCache:
@@ -303,6 +299,6 @@ def _set_adapter(lc, ctx, adapter) -> None:
         raise CheckpointError("llama.cpp refused the LoRA adapter for this model")
 
 
-def _close(lc, ctx, model, adapter) -> None:
+def _close(lc, ctx, model) -> None:
     lc.llama_free(ctx)
     lc.llama_model_free(model)
