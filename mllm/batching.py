@@ -4,10 +4,10 @@ A `Batcher` owns the model thread: every model call of a server runs there, the 
 and image encodes (`run`) taking turns with the decode steps. One thread, because torch's CPU kernels run
 on an OpenMP team per calling thread: with a second team on the same cores the workers stop spinning
 between kernels and every small product waits on a wake-up (a decode step took 3.7x longer when run from
-a second thread). Each decode step takes the model lock and samples
-each running sequence's next token with that sequence's own settings (temperature, top-p, seed, penalty,
-stop tokens, token budget), hands the tokens to their readers, and feeds all of them in one forward
-(`mllm.generation.feed`). A reply joins at the first step after its prompt is prefilled and leaves when
+a second thread). Each decode step takes the model lock and steps the one decode driver,
+`mllm.generation.DecodeBatch` (the same one a lone reply runs through): each running sequence's next token
+sampled with that sequence's own settings (temperature, top-p, seed, penalty, stop tokens, token budget),
+handed to its reader, and all of them fed in one forward. A reply joins at the first step after its prompt is prefilled and leaves when
 it stops, runs out of budget, is cancelled or its reader goes away. Prompts are prefilled in chunks, one
 chunk between two steps, so a long prompt never stalls the replies already streaming; the chunks of
 prompts waiting together are prefilled in one packed forward (`mllm.generation.prefill_packed`: the
@@ -28,9 +28,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from mllm.generation import Cancelled, Sequence, feed, prefill_chunks, prefill_packed, release
-
-_DONE = object()
+from mllm.generation import DONE, DecodeBatch, Running, Sequence, prefill_chunks, prefill_in_turns, prefill_packed
 JOB_BUDGET_S = 0.1  # the most time jobs take between two decode steps (one job always runs)
 # The most prompt rows one packed prefill takes. Packing reads the weights once for all of them (four 63-token
 # prompts: 115 ms against 167 one by one on the default model, 2 cores), and a batch that fills faster decodes
@@ -50,13 +48,13 @@ class _Prefill:
         return self.chunk.shape[1]
 
 
-class _Running:
-    """A sequence in the batch, with its reader's queue of tokens."""
+class _Running(Running):
+    """A sequence in the batch, with its reader's queue of tokens (token ids, then DONE, Cancelled() or an
+    error)."""
 
     def __init__(self, sequence: Sequence, cancel: threading.Event | None):
-        self.sequence, self.cancel = sequence, cancel
-        self.out: queue.SimpleQueue = queue.SimpleQueue()  # token ids, then _DONE, Cancelled() or an error
-        self.abandoned = False  # the reader stopped reading: leave at the next step
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(sequence, cancel, self.out.put)
 
 
 class Batcher:
@@ -65,11 +63,11 @@ class Batcher:
     def __init__(self, model, lock: AbstractContextManager, max_batch: int = 64, exact: bool = False):
         """`exact`: wide batches stay on the int4 kernel, every reply bit for bit the reply decoded alone
         (`mllm.generation.feed`); the default takes the faster bf16 products there."""
-        self.model, self.lock, self.max_batch, self.exact = model, lock, max_batch, exact
+        self.lock, self.max_batch = lock, max_batch
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Callable, Future]] = deque()
         self._joining: list[_Running] = []
-        self._running: list[_Running] = []
+        self._batch = DecodeBatch(model, exact)  # the one decode driver (`mllm.generation`), stepped here
         # For the figures: mean batch = batched_tokens / steps; decode rate = batched_tokens / decode_s (the
         # time in decode steps alone, without the prompts' prefill and image encodes between them).
         self.steps = self.batched_tokens = 0
@@ -82,6 +80,22 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="mllm-model", daemon=True)
         self._thread.start()
         atexit.register(self.close)
+
+    @property
+    def model(self):
+        return self._batch.model
+
+    @model.setter
+    def model(self, model) -> None:  # a model loaded on this thread (`run(load)`) arrives after the thread
+        self._batch.model = model
+
+    @property
+    def exact(self) -> bool:
+        return self._batch.exact
+
+    @exact.setter
+    def exact(self, exact: bool) -> None:
+        self._batch.exact = exact
 
     def close(self) -> None:
         """Stop the model thread once the running replies are done with (no new work is taken)."""
@@ -115,16 +129,12 @@ class Batcher:
         """`mllm.generation.stream_ids`, batched: the same tokens, a None after each prefill chunk but the last."""
         sequence = Sequence(self.model, cache, context_ids, new_ids, gen, max_new_tokens)
         chunks = self.run(lambda: list(prefill_chunks(self.model, new_ids, features)))
-        for k, chunk in enumerate(chunks):
-            if k:
-                yield None
-            if cancel is not None and cancel.is_set():
-                raise Cancelled
-            self.prefill(sequence, chunk)  # one chunk between two decode steps
+        # One chunk between two decode steps, packed with the other prompts' chunks queued with it.
+        yield from prefill_in_turns(chunks, lambda chunk: self.prefill(sequence, chunk), cancel)
         running = _Running(sequence, cancel)
         self._join(running)
         try:
-            while (item := running.out.get()) is not _DONE:
+            while (item := running.out.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -181,8 +191,8 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._joining or self._running or self._closed)
-                if self._closed and not self._jobs and not self._running:
+                self._cond.wait_for(lambda: self._jobs or self._joining or self._batch.running or self._closed)
+                if self._closed and not self._jobs and not self._batch.running:
                     return
             # Jobs first (image encodes, prompt chunks), for up to JOB_BUDGET_S, then one decode step: new
             # prompts join the batch quickly, and the replies already streaming never wait longer than that.
@@ -209,56 +219,20 @@ class Batcher:
                 if time.perf_counter() - started > JOB_BUDGET_S:
                     break
             with self._cond:
-                room = self.max_batch - len(self._running)
-                self._running += self._joining[:room]
+                room = self.max_batch - len(self._batch.running)
+                self._batch.running += self._joining[:room]
                 self._joining = self._joining[room:]
-                decode = bool(self._running)
+                decode = bool(self._batch.running)
             if decode:
                 with self.lock:
                     started = time.perf_counter()
                     self._step()
                     self.decode_s += time.perf_counter() - started
 
-    @torch.inference_mode()
     def _step(self) -> None:
-        """Sample one token for each running sequence, hand it over, and feed all that go on in one forward."""
-        going, tokens = [], []
-        for running in self._running:
-            if running.abandoned:
-                self._leave(running, None)
-                continue
-            if running.cancel is not None and running.cancel.is_set():
-                self._leave(running, Cancelled())
-                continue
-            try:
-                token = running.sequence.sample()
-            except Exception as e:  # noqa: BLE001 - a sampling error belongs to that reply alone
-                self._leave(running, e)
-                continue
-            if token is None:
-                self._leave(running, _DONE)
-                continue
-            running.out.put(token)
-            if running.sequence.remaining > 0:
-                going.append(running)
-                tokens.append(token)
-            else:
-                self._leave(running, _DONE)
-        if going:
-            try:
-                feed(self.model, [r.sequence for r in going], tokens, exact=self.exact)
-                self.steps += 1
-                self.batched_tokens += len(going)
-            except Exception as e:  # noqa: BLE001 - tell every reader, do not kill the batcher
-                for running in going:
-                    self._leave(running, e)
-                going = []
-        with self._cond:
-            self._running = going
-
-    def _leave(self, running: _Running, last) -> None:
-        """Take `running` out of the batch (its cache whole again before its reader can see the end), then
-        hand its reader `last` (the end marker, Cancelled() or an error; None when nobody reads)."""
-        release(self.model, running.sequence)
-        if last is not None:
-            running.out.put(last)
+        """One step of the decode batch: each running reply gets its next token, those that go on are fed in
+        one forward."""
+        going, tokens = self._batch.sample()
+        if self._batch.feed(going, tokens):
+            self.steps += 1
+            self.batched_tokens += len(going)

@@ -1,8 +1,10 @@
 """Generation: prefill once, then decode token by token from the KV cache, as an iterator.
 
-`stream_ids` is the one decode loop and `Reply` the one recipe around it (prompt ids + image features ->
-cache -> tokens -> text); `stream` / `generate` use it for a single request and `ChatSession`
-(mllm.session) to reuse the cache across turns. Sampling uses transformers' logits
+`DecodeBatch` is the one decode driver: each step samples every running sequence's next token with its own
+settings and feeds all that go on in one forward. A lone reply (`stream_ids`) is a batch of one stepped
+inline; a server's `mllm.batching.Batcher` steps one batch on its model thread. `Reply` is the one recipe
+around either (prompt ids + image features -> cache -> tokens -> text); `stream` / `generate` use it for a
+single request and `ChatSession` (mllm.session) to reuse the cache across turns. Sampling uses transformers' logits
 processors, so temperature / top-p / repetition penalty mean exactly what they mean there.
 """
 
@@ -71,7 +73,7 @@ class Cancelled(Exception):
 class Sequence:
     """One reply being decoded: its KV cache (the model's backend's: `mllm.backends`), the logits of what comes
     next, and its own sampling state (logits processors, seeded generator, stop tokens, token budget).
-    `stream_ids` drives one alone; `mllm.batching.Batcher` drives many in one forward per step."""
+    A `DecodeBatch` decodes it, alone (`stream_ids`) or with others (`mllm.batching.Batcher`)."""
 
     def __init__(
         self,
@@ -145,6 +147,90 @@ def prefill_chunks(model, new_ids, image_features, prefill_chunk: int = PREFILL_
         yield embeds[:, start : start + prefill_chunk]
 
 
+def prefill_in_turns(chunks: Iterable[torch.Tensor], prefill, cancel: threading.Event | None) -> Iterator[None]:
+    """`prefill(chunk)` for each chunk, a None yielded between two: whoever drives the generator gets control
+    back there (a shared model lets other replies run). A set `cancel` stops it before the next chunk."""
+    for k, chunk in enumerate(chunks):
+        if k:
+            yield None
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        prefill(chunk)
+
+
+DONE = object()  # the end marker a `Running` is handed when its reply is over
+
+
+class Running:
+    """A sequence in a `DecodeBatch` and where its output goes: `put` receives its token ids, then DONE,
+    a Cancelled() or the error that ended it."""
+
+    def __init__(self, sequence: Sequence, cancel: threading.Event | None, put):
+        self.sequence, self.cancel, self.put = sequence, cancel, put
+        self.abandoned = False  # the reader stopped reading: leave at the next step
+
+
+class DecodeBatch:
+    """The sequences decoding together. `sample` hands each its next token (sampled with its own settings)
+    and says which go on; `feed` appends those tokens in one forward for all (`feed` below; each sequence
+    keeps its own cache, so a reply does not depend on what else runs). A sequence leaves when it stops, runs
+    out of budget, is cancelled, its reader went away or its step failed; its cache is whole again
+    (`release`) before its reader is told."""
+
+    def __init__(self, model, exact: bool = False):
+        """`exact`: every reply bit for bit the reply decoded alone, where the backend's wide step is not."""
+        self.model, self.exact = model, exact
+        self.running: list[Running] = []
+
+    @torch.inference_mode()
+    def sample(self) -> tuple[list[Running], list[int]]:
+        """One token for each running sequence, handed to its `put`; those that go on and their tokens."""
+        going, tokens = [], []
+        for running in self.running:
+            if running.abandoned:
+                self.leave(running, None)
+                continue
+            if running.cancel is not None and running.cancel.is_set():
+                self.leave(running, Cancelled())
+                continue
+            try:
+                token = running.sequence.sample()
+            except Exception as e:  # noqa: BLE001 - a sampling error belongs to that reply alone
+                self.leave(running, e)
+                continue
+            if token is None:
+                self.leave(running, DONE)
+                continue
+            running.put(token)
+            if running.sequence.remaining > 0:
+                going.append(running)
+                tokens.append(token)
+            else:
+                self.leave(running, DONE)
+        self.running = going
+        return going, tokens
+
+    @torch.inference_mode()
+    def feed(self, going: list[Running], tokens: list[int]) -> bool:
+        """Feed `tokens` to `going` in one forward; False (each told, each gone) if that forward failed."""
+        if not going:
+            return False
+        try:
+            feed(self.model, [r.sequence for r in going], tokens, exact=self.exact)
+        except Exception as e:  # noqa: BLE001 - tell every reader, the driver goes on
+            for running in going:
+                self.leave(running, e)
+            self.running = [r for r in self.running if r not in going]
+            return False
+        return True
+
+    def leave(self, running: Running, last) -> None:
+        """Take `running` out (its cache whole again first), then hand it `last` (None: nobody reads)."""
+        release(self.model, running.sequence)
+        if last is not None:
+            running.put(last)
+
+
 @torch.inference_mode()
 def stream_ids(
     model,
@@ -157,7 +243,8 @@ def stream_ids(
     max_new_tokens: int | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[int | None]:
-    """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token.
+    """Prefill `new_ids` (L_new,) on top of `cache`, then yield sampled token ids until a stop token: a
+    `DecodeBatch` of one, stepped here.
 
     `context_ids` are the ids already in the cache (the repetition penalty sees the whole history);
     the cache is extended in place, so after the loop it holds context + new_ids + the yielded tokens
@@ -170,21 +257,21 @@ def stream_ids(
     """
     budget = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
     sequence = Sequence(model, cache, context_ids, new_ids, gen, budget)
-    for k, chunk in enumerate(prefill_chunks(model, new_ids, image_features, prefill_chunk)):
-        if k:
-            yield None
-            if cancel is not None and cancel.is_set():
-                raise Cancelled
-        sequence.prefill(chunk)
+    chunks = prefill_chunks(model, new_ids, image_features, prefill_chunk)
+    yield from prefill_in_turns(chunks, sequence.prefill, cancel)
+    out: list = []
+    batch = DecodeBatch(model)
+    batch.running = [Running(sequence, cancel, out.append)]
     while True:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
-        token = sequence.sample()
-        if token is None:
-            return
-        yield token
-        if sequence.remaining > 0:
-            feed(model, [sequence], [token])
+        going, tokens = batch.sample()
+        for item in out:
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # before the token is fed: the reader has it one forward sooner
+        out.clear()
+        batch.feed(going, tokens)
 
 
 class TextStream:

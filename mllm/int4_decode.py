@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.batch_kv import BatchKV, in_given_order, in_slot_order
+from mllm.cpu_features import bf16_in_hardware
 from mllm.cpu_quant import Int4Linear, Int4Siblings
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -26,12 +27,21 @@ int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 # The int4 kernel's cost grows with rows past a few (it unpacks per row block), a bf16 product's barely
 # (AMX / AVX512-BF16). Measured on the default model, 2 cores, ms for 1 / 8 / 63 rows: gate/up int4
 # 0.08 / 0.29 / 2.17 against bf16 0.33 / 0.21 / 0.72; q/k/v 0.04 / 0.10 / 0.67 against 0.11 / 0.09 / 0.20.
-# So prompt chunks of at least DENSE_ROWS rows go through a bf16 copy of the blocks' weights (dequantized
-# once from the int4 codes: the same weights, rounded to bf16), decode steps stay int4.
+# So prompt chunks of at least DENSE_ROWS rows go through a dense copy of the blocks' weights (dequantized
+# once from the int4 codes: the same weights), decode steps stay int4. The copy is bf16 where the CPU computes
+# bf16 in hardware; elsewhere bf16 products are emulated (an AVX2-only EPYC took 783 ms for a 63-token prompt,
+# 190 in float32) and the copy is float32 (`mllm.cpu_features`).
 DENSE_ROWS = 8
-# The bf16 copy costs 2 bytes per weight beside the 0.5 of int4: kept only while it stays under this
-# (the default model's is 203 MiB; a 7B model's would be 13 GiB and keeps int4 prefill).
+# The copy costs 2 (bf16) or 4 (float32) bytes per weight beside the 0.5 of int4: kept only while it stays
+# under this (the default model's is 203 / 406 MiB; a 7B model's would be 13 GiB and keeps int4 prefill).
 DENSE_BUDGET_MIB = 1024
+
+
+def dense_dtype(activations: torch.dtype) -> torch.dtype:
+    """The dense copy's dtype: the activations' where the CPU computes it in hardware, else float32."""
+    if activations == torch.bfloat16 and not bf16_in_hardware():
+        return torch.float32
+    return activations
 
 
 class Projection:
@@ -48,27 +58,32 @@ class Projection:
         else:
             self.sizes = [layer.out_features]
         self.in_features = base.in_features
-        self.dense: torch.Tensor | None = None  # (out, in) bf16 copy for wide inputs (`densify`)
+        self.dense: torch.Tensor | None = None  # (out, in) dense copy for wide inputs (`densify`)
+        self.dense_bias: torch.Tensor | None = None
 
     def densify(self) -> int:
-        """Keep a bf16 copy of the weights: the int4 kernel applied to the identity gives W^T exactly as the
-        kernel dequantizes it. The LoRA side path is merged into the copy (in float32, then rounded once):
-        a wide product is then one call instead of three, two of them in float32. Returns its bytes."""
+        """Keep a dense copy of the weights (`dense_dtype`): the int4 kernel applied to the identity gives W^T
+        exactly as the kernel dequantizes it. The LoRA side path is merged into the copy (in float32, then
+        rounded once): a wide product is then one call instead of three, two of them in float32. Returns its
+        bytes."""
+        dtype = dense_dtype(self.scale_and_zero.dtype)
         eye = torch.eye(self.in_features, dtype=self.scale_and_zero.dtype)
         weight_t = int4_mm(eye, self.packed, self.group_size, self.scale_and_zero)  # (in, out)
         if self.down is not None:
             weight_t = weight_t.float() + self.down @ self.up  # (in, r) @ (r, out)
-        self.dense = weight_t.t().to(self.scale_and_zero.dtype).contiguous()  # (out, in)
+        self.dense = weight_t.t().to(dtype).contiguous()  # (out, in)
+        self.dense_bias = None if self.bias is None else self.bias.to(dtype)
         return self.dense.numel() * self.dense.element_size()
 
     def dense_bytes(self) -> int:
-        return self.in_features * sum(self.sizes) * self.scale_and_zero.element_size()
+        return self.in_features * sum(self.sizes) * dense_dtype(self.scale_and_zero.dtype).itemsize
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        """`wide`: the caller allows the bf16 copy (prompt chunks; never decode steps, so a reply decodes the
+        """`wide`: the caller allows the dense copy (prompt chunks; never decode steps, so a reply decodes the
         same whatever else is in its batch); it is used when there is one and x has DENSE_ROWS rows or more."""
         if wide and self.dense is not None and x.shape[0] >= DENSE_ROWS:
-            return F.linear(x, self.dense, self.bias)  # (N, out), the adapter merged in
+            # (N, out), the adapter merged in; cast only where the copy is float32 (bf16 not in hardware)
+            return F.linear(x.to(self.dense.dtype), self.dense, self.dense_bias).to(x.dtype)
         y = int4_mm(x, self.packed, self.group_size, self.scale_and_zero)  # (N, out)
         if self.bias is not None:
             y += self.bias

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
+from mllm.cpu_features import describe
 from mllm.generation import GenerationConfig
 from training.synth_scene import make_scene, render
 
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if not levels or not all(1 <= n <= 64 for n in levels) or not 1 <= args.max_tokens <= 512:
         p.error("need --levels within 1..64 and 1 <= --max-tokens <= 512")
     hf_logging.disable_progress_bar()
+    print(describe())
 
     t0 = time.perf_counter()
     engine = ChatEngine.load(

@@ -28,6 +28,7 @@ import time
 import torch
 from transformers.utils import logging as hf_logging
 
+from mllm.cpu_features import describe
 from mllm.generation import GenerationConfig, Reply, image_features, stream
 from mllm.loading import load_model
 from mllm.session import ChatSession
@@ -51,15 +52,6 @@ LOAD = {
     "mllm llamacpp q4_1": ("llamacpp", "q4_1"),
     "transformers generate": ("transformers", "none"),
 }
-
-
-def cpu_line() -> str:
-    """The CPU's model name and the flags that decide which kernels are fast."""
-    info = open("/proc/cpuinfo").read()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-    return f"CPU: {name}; " + ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def rss_bytes() -> int:
@@ -248,7 +240,7 @@ def main(argv=None) -> int:
         results[runtime] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{runtime}: {results[runtime]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     first = next(iter(results.values()))
-    print(cpu_line())
+    print(describe())
     print(
         f"prompt: {first['prompt_tokens']} tokens ({first['image_tokens']} image tokens), {args.tokens} new tokens, "
         f"greedy; {torch.get_num_threads()} threads; median of {args.repeats}; each runtime in its own process"

@@ -230,15 +230,24 @@ def test_the_int4_forward_is_transformers_forward_without_the_overhead(lora_chec
         torch.testing.assert_close(ours.layers[1].keys, theirs.layers[1].keys, atol=0.02, rtol=0.02)
 
 
-def test_wide_prompt_chunks_use_the_bf16_copy_of_the_int4_weights_and_decode_steps_do_not(lora_checkpoint, images):
+@pytest.mark.parametrize("bf16_hardware", [True, False], ids=["bf16-in-hardware", "bf16-emulated"])
+def test_wide_prompt_chunks_use_a_dense_copy_of_the_int4_weights_and_decode_steps_do_not(
+    lora_checkpoint, images, bf16_hardware, monkeypatch
+):
+    """Both branches of the CPU's bf16 capability: the copy is bf16 where the CPU has it, float32 elsewhere
+    (emulated bf16 products are slower than float32 ones); either way the same weights and answers."""
     from transformers import DynamicCache
 
+    import mllm.int4_decode
     from mllm.int4_decode import DENSE_ROWS, Int4Decoder, int4_mm
 
+    monkeypatch.setattr(mllm.int4_decode, "bf16_in_hardware", lambda: bf16_hardware)
     model = load_model(str(lora_checkpoint), device="cpu", quantization="int4")
     dense, plain = Int4Decoder(model.llm), Int4Decoder(model.llm, dense_budget_mib=0)
     assert dense.dense_bytes > 0 and plain.dense_bytes == 0 and plain.blocks[0].qkv.dense is None
     projection = dense.blocks[0].gate_up
+    assert projection.dense.dtype == (torch.bfloat16 if bf16_hardware else torch.float32)
+    assert dense.dense_bytes == sum(p.dense.numel() * p.dense.element_size() for b in dense.blocks for p in b.projections())
     x = torch.randn(DENSE_ROWS, projection.in_features).bfloat16()
     want = int4_mm(x, projection.packed, projection.group_size, projection.scale_and_zero).float()
     # The same weights (dequantized by the kernel itself), only the product's rounding differs.
@@ -254,3 +263,16 @@ def test_wide_prompt_chunks_use_the_bf16_copy_of_the_int4_weights_and_decode_ste
         torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
         assert want[0, got.argmax()] >= want.max() - 0.05  # the same choice, or one within rounding of it
         torch.testing.assert_close(caches[0].layers[1].keys, caches[1].layers[1].keys, atol=0.02, rtol=0.02)
+
+
+def test_the_cpu_is_read_not_assumed():
+    from mllm.cpu_features import bf16_in_hardware, cpu_info, describe
+
+    assert bf16_in_hardware(frozenset({"avx2", "avx512f", "avx512_bf16"}))  # Zen 4, Cooper Lake
+    assert bf16_in_hardware(frozenset({"avx2", "amx_tile", "amx_bf16"}))  # Sapphire Rapids
+    assert bf16_in_hardware(frozenset({"fp", "asimd", "bf16"}))  # Arm with the BF16 extension (Graviton 3)
+    assert not bf16_in_hardware(frozenset({"avx2", "fma"}))  # Zen 2 / 3, most laptops
+    assert not bf16_in_hardware(frozenset())  # an OS that does not say: float32, which is never emulated
+    name, flags = cpu_info()
+    assert name and describe().startswith(f"CPU: {name}; avx2 ")
+    assert bf16_in_hardware() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
