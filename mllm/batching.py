@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from mllm.generation import DONE, DecodeBatch, Running, Sequence, prefill_chunks, prefill_in_turns, prefill_packed
+
 JOB_BUDGET_S = 0.1  # the most time jobs take between two decode steps (one job always runs)
 # The most prompt rows one packed prefill takes. Packing reads the weights once for all of them (four 63-token
 # prompts: 115 ms against 167 one by one on the default model, 2 cores), and a batch that fills faster decodes

@@ -247,7 +247,9 @@ def test_wide_prompt_chunks_use_a_dense_copy_of_the_int4_weights_and_decode_step
     assert dense.dense_bytes > 0 and plain.dense_bytes == 0 and plain.blocks[0].qkv.dense is None
     projection = dense.blocks[0].gate_up
     assert projection.dense.dtype == (torch.bfloat16 if bf16_hardware else torch.float32)
-    assert dense.dense_bytes == sum(p.dense.numel() * p.dense.element_size() for b in dense.blocks for p in b.projections())
+    assert dense.dense_bytes == sum(
+        p.dense.numel() * p.dense.element_size() for b in dense.blocks for p in b.projections()
+    )
     x = torch.randn(DENSE_ROWS, projection.in_features).bfloat16()
     want = int4_mm(x, projection.packed, projection.group_size, projection.scale_and_zero).float()
     # The same weights (dequantized by the kernel itself), only the product's rounding differs.
