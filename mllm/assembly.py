@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mllm.backends import select as select_backend
+from mllm.classifier_view import ClassifierView
 from mllm.config import MLLMConfig
 from mllm.connectors import build_connector
 from mllm.cpu_quant import quantize_int4
@@ -92,24 +93,26 @@ def assemble(
     connector = build_connector(config.connector, vision.hidden_size, vision.num_tokens, llm_hidden)
     if connector_state is not None:
         connector.load_state_dict(connector_state)  # strict: every weight accounted for, no leftovers
-    if config.tokens_per_image is not None and config.tokens_per_image != connector.num_tokens:
+    view = None
+    if config.vision.classifier_view:  # the tower's ImageNet classifier, read as words (mllm.classifier_view)
+        view = ClassifierView(*vision.imagenet_classifier(), tokenizer, config.vision.classifier_view)
+    tokens_per_image = connector.num_tokens + (view.num_tokens if view is not None else 0)
+    if config.tokens_per_image is not None and config.tokens_per_image != tokens_per_image:
         raise CheckpointError(
-            f"tokens_per_image={config.tokens_per_image} but the tower + connector give {connector.num_tokens}; "
+            f"tokens_per_image={config.tokens_per_image} but the tower + connector give {tokens_per_image}; "
             "the checkpoint's config does not match its weights"
         )
     # One source of truth for the context length: the config, else the tokenizer's limit, else the LLM's.
     context_length = config.context_length or tokenizer_limit(tokenizer) or llm.config.max_position_embeddings
-    config = config.replace(tokens_per_image=connector.num_tokens, context_length=context_length)
+    config = config.replace(tokens_per_image=tokens_per_image, context_length=context_length)
     image_processor = ImageProcessor(
         image_size=vision.image_size,
         image_mean=tuple(vision.image_mean),
         image_std=tuple(vision.image_std),
         resize_mode=config.vision.resize_mode,
     )
-    processor = Processor.for_model(
-        config, tokenizer, template, image_processor, connector.num_tokens, qformer_tokenizer
-    )
-    model = MLLM(config, vision, connector, llm, processor).place(device).train(trainable)
+    processor = Processor.for_model(config, tokenizer, template, image_processor, tokens_per_image, qformer_tokenizer)
+    model = MLLM(config, vision, connector, llm, processor, view).place(device).train(trainable)
     llamacpp = {"adapter": adapter, "llm_weights": llm_weights, "gguf_type": gguf_type} if backend == "llamacpp" else {}
     model.backend = select_backend(model, backend, **llamacpp)
     if backend == "llamacpp":

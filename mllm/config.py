@@ -59,11 +59,21 @@ class VisionConfig:
     pool: int | None = None
     """Average-pool the tower's square token grid to `pool` x `pool` tokens (None: keep every token).
     Fewer image tokens make each LLM step cheaper; the demo model pools its 7x7 grid to 3x3."""
+    classifier_view: int = 0
+    """For `efficientnet_lite0`: this many extra tokens per image hold the ImageNet classifier's top classes
+    as words (`mllm.classifier_view`); 0: none."""
 
     def __post_init__(self) -> None:
         _check_choice("vision", "kind", self.kind, VISION_KINDS)
         if self.pool is not None:
             _check_positive("vision", "pool", self.pool)
+        if self.classifier_view:
+            _check_positive("vision", "classifier_view", self.classifier_view)
+            if self.kind != "efficientnet_lite0":
+                raise ValueError(
+                    "vision.classifier_view needs the efficientnet_lite0 tower (its ImageNet classifier); "
+                    f"vision.kind={self.kind!r} has none: set classifier_view to 0"
+                )
         _check_choice("vision", "features", self.features, EFFICIENTNET_FEATURES)
         _check_choice("vision", "resize_mode", self.resize_mode, RESIZE_MODES)
         if self.kind == "hf" and not self.path:

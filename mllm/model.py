@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.backends import select as select_backend
+from mllm.classifier_view import ClassifierView
 from mllm.config import MLLMConfig
 from mllm.connectors import Connector
 from mllm.errors import MessageError
@@ -26,7 +27,13 @@ class MLLM(nn.Module):
     """The three components and the processor that feeds them; `mllm.assembly.assemble` puts them together."""
 
     def __init__(
-        self, config: MLLMConfig, vision: VisionTower, connector: Connector, llm: nn.Module, processor: Processor
+        self,
+        config: MLLMConfig,
+        vision: VisionTower,
+        connector: Connector,
+        llm: nn.Module,
+        processor: Processor,
+        view: ClassifierView | None = None,
     ):
         super().__init__()
         self.config = config
@@ -34,8 +41,10 @@ class MLLM(nn.Module):
         self.connector = connector
         self.llm = llm
         self.processor = processor
+        # The tower's classifier read as words after the connector's tokens (`mllm.classifier_view`), or None.
+        self.view = view
         self.image_token_id = processor.image_token_id
-        self.tokens_per_image = connector.num_tokens
+        self.tokens_per_image = connector.num_tokens + (view.num_tokens if view is not None else 0)
         self._backend = None
 
     @property
@@ -66,13 +75,32 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_views: list | None = None,
     ) -> torch.Tensor:
         """(n_img, 3, S, S) -> (n_img, N_img, D_llm); a text-reading connector also needs the (n_img, T) ids."""
         tower_trains = any(p.requires_grad for p in self.vision.parameters()) and self.training
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             features = self.vision(pixel_values.to(self.device))  # (n_img, N_v, D_v)
-        features = features.to(next(self.connector.parameters()).dtype)
-        return self.connector(features, qformer_input_ids, qformer_attention_mask)
+        return self.image_tokens(features, qformer_input_ids, qformer_attention_mask, image_views)
+
+    def image_tokens(
+        self,
+        features: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_views: list | None = None,
+    ) -> torch.Tensor:
+        """Tower output (n_img, N_v, D_v) -> what fills the image slots (n_img, N_img, D_llm): the connector's
+        tokens, then the classifier's view as words where the model has one (`image_views[i]`, where given,
+        replaces image i's own view: training rows that teach reading it)."""
+        tokens = self.connector(
+            features.to(next(self.connector.parameters()).dtype), qformer_input_ids, qformer_attention_mask
+        )
+        if self.view is None:
+            return tokens
+        with torch.no_grad():
+            words = self.view(features, self.llm.get_input_embeddings(), image_views)  # (n_img, K, D_llm)
+        return torch.cat([tokens, words.to(tokens.dtype)], 1)
 
     def embed(
         self,
@@ -81,6 +109,7 @@ class MLLM(nn.Module):
         image_features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_views: list | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image slots filled: (B, L) -> (B, L, D_llm)."""
         image_mask = input_ids == self.image_token_id  # (B, L)
@@ -88,7 +117,9 @@ class MLLM(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         n_slots = int(image_mask.sum())
         if image_features is None and pixel_values is not None and len(pixel_values):
-            image_features = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
+            image_features = self.get_image_features(
+                pixel_values, qformer_input_ids, qformer_attention_mask, image_views
+            )
         n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_features:
             raise MessageError(
@@ -112,6 +143,7 @@ class MLLM(nn.Module):
         supervised_logits_only: bool = False,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_views: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits, loss or None); loss is mean next-token CE over supervised tokens.
 
@@ -121,7 +153,9 @@ class MLLM(nn.Module):
         connectors only; `processor.collate` makes them).
         """
         input_ids = input_ids.to(self.device)
-        embeds = self.embed(input_ids, pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
+        embeds = self.embed(
+            input_ids, pixel_values, image_features, qformer_input_ids, qformer_attention_mask, image_views
+        )
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         targets = keep = None

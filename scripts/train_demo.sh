@@ -3,7 +3,10 @@
 #   1. generate the shapes world,
 #   2. mlp2x_gelu variant: stage `align` (connector only, captions) -> stage `instruct` (connector + LoRA),
 #   3. qformer variant: `qformer_pretrain` (BLIP-2 stage 1) -> `generative` (stage 2) -> `instruct`,
-#   4. score both (and the untrained default as the floor) with `mllm eval` on the held-out test split,
+#   3b. mlp variant, stage `photos`: read the tower's ImageNet classifier as words (real photos), with the
+#      shapes rows mixed in (PHOTOS=0 skips it; PHOTOS_FROM=mllm/assets/demo starts it from the shipped model),
+#   4. score both (and the untrained default as the floor) with `mllm eval` on the held-out test split, and
+#      the photos variant on the real-photo set (`mllm data photos`),
 #   5. with SHIP=1, copy the mlp2x_gelu checkpoint into mllm/assets/demo (what `mllm chat` loads by default)
 #      and the qformer one into mllm/assets/demo-qformer (`--model default-qformer`).
 # Real EfficientNet-Lite0 tower (multi-scale features) and real SmolLM2-135M-Instruct throughout.
@@ -58,6 +61,7 @@ QFORMER_INSTRUCT_STEPS=${QFORMER_INSTRUCT_STEPS:-1600}
 # decoding of long `describe` answers is what takes the time on CPU. 0: train only.
 EVAL_LIMIT=${EVAL_LIMIT:-700}
 [ -n "$STEPS" ] && EVAL_LIMIT=${EVAL_LIMIT_SMOKE:-20}
+[ -n "$STEPS" ] && PHOTO_ROWS=${PHOTO_ROWS:-16}
 DATA=$OUT/data
 IMAGES=$DATA/images
 CAP=()
@@ -77,6 +81,14 @@ model_config() {  # connector-kind pool queries [more connector fields]
  "llm": {"path": "smollm2-135m-instruct"},
  "template": "chatml"}
 EOF
+}
+
+with_view() {  # checkpoint copy: `checkpoint` with the classifier's view switched on (24 word tokens per image)
+    [ -f "$2/mllm_config.json" ] && return
+    rm -rf "$2" && cp -r "$1" "$2" && rm -rf "$2"/checkpoint-*
+    "$PYTHON" -c "import sys; from mllm.config import MLLMConfig
+c = MLLMConfig.load(sys.argv[1]); v = c.vision.__class__(**{**c.vision.__dict__, 'classifier_view': 24})
+c.replace(vision=v, tokens_per_image=c.tokens_per_image - c.vision.classifier_view + 24).save(sys.argv[1])" "$2/mllm_config.json"
 }
 
 train() {  # stage output [extra args...]
@@ -119,6 +131,25 @@ for variant in $VARIANTS; do
             --val-data "$DATA/val.json" --set "total_steps=$QFORMER_MORE_STEPS"
         final=$run/instruct-more
     fi
+    if [ "$variant" = mlp ] && [ "${PHOTOS:-1}" = 1 ]; then
+        # Stage 3, real photos: the tower's ImageNet classifier read as words after the image tokens
+        # (mllm.classifier_view), learnt from rows made in the classifier's output space mixed with the shapes
+        # world's own rows (training/synth_views.py). PHOTOS_FROM=mllm/assets/demo builds on the shipped
+        # shapes model (trained on a GPU) instead of this run's.
+        photos_from=${PHOTOS_FROM:-$final}
+        with_view "$photos_from" "$run/photos-init"
+        [ -f "$DATA/views.json" ] || $MLLM data views "$DATA/train_qa.json" "$DATA/views.json" \
+            --views "${PHOTO_ROWS:-1400}" --shapes-rows "${PHOTO_ROWS:-1400}" --seed "$SEED"
+        train instruct "$run/photos" --init "$run/photos-init" --data "$DATA/views.json" --set connector=frozen \
+            --set llm_lr=2e-4 --set per_device_batch_size=8 --set global_batch_size=8 \
+            --set "total_steps=${PHOTO_STEPS:-160}" --set warmup_ratio=0.05 --set save_every=40
+        final=$run/photos
+        if [ "$EVAL_LIMIT" -gt 0 ]; then
+            $MLLM data photos "$OUT/photos"
+            $MLLM eval --model "$final" --data "$OUT/photos/photos.json" --image-folder "$OUT/photos/images" \
+                --output "$OUT/eval/photos" --device "$DEVICE"
+        fi
+    fi
     echo "$final" >"$run/final"
     if [ "$EVAL_LIMIT" -gt 0 ]; then
         $MLLM eval --model "$final" --data "$DATA/test_qa.json" --image-folder "$IMAGES" \
@@ -154,7 +185,7 @@ for p in pathlib.Path(sys.argv[1]).rglob('*.safetensors'):
 if [ "${SHIP:-0}" = 1 ]; then
     # `--model default` and `--model default-qformer` (mllm.loading.BUILTIN).
     for variant in $VARIANTS; do
-        if [ "$variant" = mlp ]; then ship "$OUT/mlp/instruct" mllm/assets/demo; fi
+        if [ "$variant" = mlp ]; then ship "$(cat "$OUT/mlp/final")" mllm/assets/demo; fi
         if [ "$variant" = qformer ]; then ship "$(cat "$OUT/qformer/final")" mllm/assets/demo-qformer; fi
     done
 fi

@@ -91,7 +91,8 @@ class Samples(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int):
-        return self.encoded[index], self.rows[index].messages[-1]["content"]
+        row = self.rows[index]
+        return self.encoded[index], row.messages[-1]["content"], row.views or [None] * len(row.images)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Collator:
     captions: bool
 
     def __call__(self, samples: list) -> dict:
-        encoded = [e for e, _ in samples]
+        encoded = [e for e, _, _ in samples]
         try:
             if self.cache is None:
                 batch = self.processor.collate(encoded)  # pixel_values (n_img, 3, S, S)
@@ -112,7 +113,10 @@ class Collator:
         except ImageError as e:
             raise DataError(str(e)) from e
         if self.captions:
-            batch["captions"] = [c for _, c in samples]
+            batch["captions"] = [c for _, c, _ in samples]
+        views = [v for _, _, row_views in samples for v in row_views]  # one per image, in order
+        if any(v is not None for v in views):
+            batch["image_views"] = views
         return batch
 
 

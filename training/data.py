@@ -32,6 +32,8 @@ class Row:
     """Resolved image files, in placeholder order."""
     raw: dict
     """The row as read (extra fields such as `type` / `qa` are kept for evaluation)."""
+    views: list | None = None
+    """Per image, the classifier view the row gives (`classifier_view`: `mllm.classifier_view`), or None."""
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict | Exception]]:
@@ -81,7 +83,34 @@ def parse_row(where: str, record: dict, image_folder: str | Path | None) -> Row:
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise DataError(f"{name}: 'image' must be a file name or a list of file names")
-    return Row(rid, messages, [_resolve(name, i, image_folder) for i in images], record)
+    views = None
+    if "classifier_view" in record:
+        if len(images) != 1:
+            raise DataError(f"{name}: 'classifier_view' describes one image, but the row has {len(images)}")
+        try:
+            views = [_check_view(record["classifier_view"])]
+        except ValueError as e:
+            raise DataError(f"{name}: {e}") from e
+    return Row(rid, messages, [_resolve(name, i, image_folder) for i in images], record, views)
+
+
+def _check_view(view) -> list[tuple[str, float]]:
+    """A row's `classifier_view`: [[ImageNet class name, probability], ...], most likely first."""
+    from mllm.classifier_view import imagenet_labels
+
+    known = set(imagenet_labels())
+    if not isinstance(view, list) or not view:
+        raise ValueError("'classifier_view' must be a non-empty list of [class name, probability] pairs")
+    out = []
+    for pair in view:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], (int, float))):
+            raise ValueError(f"'classifier_view' entry {pair!r} is not a [class name, probability] pair")
+        if pair[0] not in known:
+            raise ValueError(f"'classifier_view' names {pair[0]!r}, which is not one of the 1000 ImageNet classes")
+        if not 0 <= pair[1] <= 1:
+            raise ValueError(f"'classifier_view' gives {pair[0]!r} probability {pair[1]}; use a value in [0, 1]")
+        out.append((pair[0], float(pair[1])))
+    return out
 
 
 def _check_turn_order(name: str, messages: list[dict]) -> None:

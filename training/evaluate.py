@@ -20,6 +20,7 @@ from mllm.commandline import Parser, UsageError, add_model_args, quantization, r
 from mllm.errors import MLLMError
 from mllm.generation import GenerationConfig, Reply, generate, image_features
 from training.data import DataError, read_rows
+from training.photo_eval import photo_correct
 from training.scoring import mme_scores, normalize_answer, pope_scores, vqa_accuracy, vqa_scores
 
 # The official VQAv2 scorers are this module's public names too (what `mllm eval` scores with).
@@ -41,9 +42,10 @@ class Scores:
     yes_no: dict[str, int] = field(default_factory=lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "said_yes": 0})
     count: list[int] = field(default_factory=lambda: [0, 0])
 
-    def add(self, qtype: str, prediction: str, reference: str) -> bool:
+    def add(self, qtype: str, prediction: str, reference: str, row: dict | None = None) -> bool:
         pred, ref = normalize_answer(prediction), normalize_answer(reference)
-        correct = pred == ref
+        # A real-photo question is scored against its classifier-level truth (`training.photo_eval`).
+        correct = photo_correct(prediction, row) if qtype == "photo" and row is not None else pred == ref
         tally = self.per_type.setdefault(qtype, [0, 0])
         tally[0] += correct
         tally[1] += 1
@@ -173,7 +175,7 @@ def evaluate(model, rows, max_new_tokens: int = 48, limit: int | None = None, pr
     scores, predictions = Scores(), []
     for row in rows:
         reference, answer, qtype = row.messages[-1]["content"], answers[row.id], row.raw.get("type", "other")
-        correct = scores.add(qtype, answer, reference)
+        correct = scores.add(qtype, answer, reference, row.raw)
         predictions.append({"id": row.id, "type": qtype, "prediction": answer, "reference": reference, "ok": correct})
     return scores.summary(), predictions
 

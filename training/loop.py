@@ -87,10 +87,10 @@ class TrainStep(nn.Module):
             return self.objective(features, batch["captions"])
         # An instruction-reading Q-Former (InstructBLIP) also takes each image's instruction ids (n_img, T).
         qformer = {key: batch.get(key) for key in ("qformer_input_ids", "qformer_attention_mask")}
+        views = batch.get("image_views")  # per image: a row's own classifier view, or None
         image_features = None
         if features is not None:
-            dtype = next(self.model.connector.parameters()).dtype
-            image_features = self.model.connector(features.to(dtype), *qformer.values())  # (n_img, N_img, D_llm)
+            image_features = self.model.image_tokens(features, *qformer.values(), views)  # (n_img, N_img, D_llm)
         _, loss = self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -98,6 +98,7 @@ class TrainStep(nn.Module):
             labels=batch["labels"],
             image_features=image_features,
             supervised_logits_only=True,  # the vocabulary projection only where a label is
+            image_views=views,
             **qformer,
         )
         return {"loss": loss}
