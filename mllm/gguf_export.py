@@ -116,19 +116,21 @@ def _replaceable(path: Path) -> bool:
 
 def _write_llm(model, llm_dir: Path, staging: Path, types, mmproj: Path, mmproj_type: str, adds_bos: bool, check):
     """The LLM GGUF in the first of `types` whose check holds (or the last one tried)."""
-    reports = []
-    for k, kind in enumerate(types):
+    from mllm.gguf_check import run_check
+
+    reports, queue = [], list(types)
+    while True:
+        kind = queue.pop(0)
         path = write_llm_gguf(llm_dir, staging / f"model-{kind}.gguf", kind)
         set_add_bos(path, adds_bos)
         if not check:
             return GGUFExport(staging, path, mmproj)
-        from mllm.gguf_check import run_check
-
         reports.append(run_check(model, path, mmproj, kind, mmproj_type, adds_bos))
-        if reports[-1].all_equal or k == len(types) - 1:
+        if reports[-1].all_equal or not queue:
             return GGUFExport(staging, path, mmproj, reports)
         path.unlink()  # changes answers: try the next, larger type
-    raise AssertionError("unreachable: the last type is always kept")
+        if reports[-1].features_differ and UNCHECKED_TYPE in queue:
+            queue = [UNCHECKED_TYPE]  # no LLM type mends the image features: the type an unchecked export gets
 
 
 def save_llm(model, directory: Path) -> bool:

@@ -197,6 +197,22 @@ def test_clip_tower_is_written_as_llama_cpp_reads_it(tiny_llama_dir, tiny_clip_d
     assert diff < 2e-3, (np.abs(theirs - ours).max(), np.abs(theirs - defect).max())
 
 
+def test_checked_clip_export_names_the_feature_difference(tiny_llama_dir, tiny_clip_dir, tmp_path):
+    """With a CLIP tower in a llama.cpp that has the CLS-order defect, the check says so instead of blaming the LLM
+    type, and the export stops searching types (none mends the tower) at the unchecked default, q8_0."""
+    torch.manual_seed(0)
+    save_pretrained(build_model(_config(tiny_llama_dir, tiny_clip_dir), device="cpu").eval(), tmp_path / "ckpt")
+    result = export_gguf(str(tmp_path / "ckpt"), tmp_path / "out")
+    first = result.reports[0]
+    assert first.llm_type == "q4_0"
+    if first.features_differ:
+        assert "ggml-org/llama.cpp#25814" in first.summary() and "changes answers" not in first.summary()
+        assert [r.llm_type for r in result.reports] == ["q4_0", "q8_0"] and result.llm.name == "model-q8_0.gguf"
+    else:  # a llama.cpp with the fix: the ordinary search, smallest type whose answers hold
+        assert first.image_feature_diff < 5e-3
+        assert result.reports[-1].all_equal or result.llm.name == "model-f16.gguf"
+
+
 def test_llava_hf_checkpoint_exports_and_answers_alike(tmp_path, tiny_llama_dir):
     """Import then export: a llava-hf directory (SigLIP tower, a LLaMA whose tokenizer adds BOS, LLaVA's
     "USER: ... ASSISTANT:" template) exported by its path; llama.cpp adds the BOS the template wrote."""
