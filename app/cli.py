@@ -1,9 +1,10 @@
 """The `mllm` command: `COMMANDS` maps each name to a function that parses its flags and calls the library.
 
 chat (a terminal chat, below), data validate / synth, train and eval (the training package's commands),
-convert and export (mllm.interop), ui (app.ui's Gradio app) and api (app.api's HTTP server). All are built
-on mllm.commandline: a user error (a bad flag, a missing or unreadable image, a model that does not load)
-prints one line on stderr and exits with status 2, never argparse's usage dump or a traceback.
+convert and export (mllm.interop; `export --format gguf`: mllm.gguf_export), ui (app.ui's Gradio app) and api
+(app.api's HTTP server). All are built on mllm.commandline: a user error (a bad flag, a missing or unreadable
+image, a model that does not load) prints one line on stderr and exits with status 2, never argparse's usage dump
+or a traceback.
 Each command imports what it runs when it runs: `mllm --help` loads neither Gradio, FastAPI nor the training package.
 """
 
