@@ -138,6 +138,20 @@ def test_export_folder_holds_modelfile_and_readme(f16_export):
     assert "9/9 answers token-for-token equal" in readme
 
 
+def test_cli_export_without_the_check(lora_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(["export", str(lora_checkpoint), str(out), "--format", "gguf", "--type", "q8_0", "--no-check"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: model-q8_0.gguf, mmproj-f16.gguf, Modelfile, README.md")
+    assert "not run (exported with --no-check)" in (out / "README.md").read_text()
+    # Exporting again over an earlier export replaces it; over an unrelated folder, refuses.
+    assert cli(["export", "--model", str(lora_checkpoint), str(out), "--format", "gguf", "--no-check"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "mmproj-f16.gguf", "model-q8_0.gguf"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert cli(["export", str(lora_checkpoint), str(tmp_path / "mine"), "--format", "gguf", "--no-check"]) == 2
+    assert "is not a previous mllm output" in capsys.readouterr().err
+
+
 def test_mmproj_metadata_is_what_clips_loader_reads(f16_export, siglip_dir):
     reader = GGUFReader(f16_export.mmproj)
     value = {key: field.contents() for key, field in reader.fields.items()}

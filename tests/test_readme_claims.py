@@ -138,8 +138,8 @@ CODES = {
 
 def test_each_error_class_the_readme_names_exists_with_its_api_code(tmp_path):
     # README: "each kind of problem has its own error class (`mllm.MLLMError` and its subclasses `ImageError`,
-    # `MessageError`, `TooManyImagesError`, `ContextLengthError`, `CheckpointError`, `UnexportableError`, each with the API error
-    # `code` it maps to)".
+    # `MessageError`, `TooManyImagesError`, `ContextLengthError`, `CheckpointError`, `UnexportableError`, each with
+    # the API error `code` it maps to)".
     import mllm.errors
     from mllm.loading import load_model
 
