@@ -3,9 +3,9 @@ llama-server, llama-mtmd-cli and Ollama's llama.cpp runner take: `mtmd_tokenize`
 marker and turns the image into its chunk (clip's preprocessing and tower, the projector),
 `mtmd_helper_eval_chunks` decodes text and image chunks, then tokens are decoded greedily one by one.
 
-The binding (llama-cpp-python's `mtmd_cpp`) has no image decoder of its own worth trusting with mllm's limits,
-so images go in as RGB bytes: `mtmd_bitmap_init(nx, ny, rgb)` takes a width x height x 3 uint8 buffer, the
-bitmap mtmd's own file helpers make after decoding.
+Images go in as RGB bytes: `mtmd_bitmap_init(nx, ny, rgb)` takes a width x height x 3 uint8 buffer, the bitmap
+mtmd's own file helpers (`mtmd_helper_bitmap_init_from_buf`) make after decoding. The caller decodes with mllm's
+image loader (its format allow-list and size limits) and can hand over exactly the pixels mllm's tower saw.
 """
 
 from __future__ import annotations
