@@ -1,9 +1,10 @@
 """The `mllm` command: `COMMANDS` maps each name to a function that parses its flags and calls the library.
 
-chat (a terminal chat, below), data validate / synth / views / photos, train and eval (the training package's commands),
-convert and export (mllm.interop), ui (app.ui's Gradio app) and api (app.api's HTTP server). All are built
-on mllm.commandline: a user error (a bad flag, a missing or unreadable image, a model that does not load)
-prints one line on stderr and exits with status 2, never argparse's usage dump or a traceback.
+chat (a terminal chat, below), data validate / synth / views / photos, train and eval (the training package's
+commands), convert and export (mllm.interop; `export --format gguf`: mllm.gguf_export), ui (app.ui's Gradio app)
+and api (app.api's HTTP server). All are built on mllm.commandline: a user error (a bad flag, a missing or
+unreadable image, a model that does not load) prints one line on stderr and exits with status 2, never argparse's
+usage dump or a traceback.
 Each command imports what it runs when it runs: `mllm --help` loads neither Gradio, FastAPI nor the training package.
 """
 
@@ -176,22 +177,46 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """mllm export CKPT OUT --format hf-llava [--merge-lora] [--dtype auto|float32|float16|bfloat16]"""
-    from mllm.interop import export_hf_llava
+    """mllm export [CKPT] OUT --format hf-llava|gguf [--model NAME] [...]"""
     from mllm.interop.export import DTYPES, FORMATS
 
     p = Parser(
         prog="mllm export",
-        description="Export an mllm checkpoint for transformers / vLLM / SGLang (LlavaForConditionalGeneration).",
+        description="Export a model for transformers / vLLM / SGLang (--format hf-llava: LlavaForConditionalGeneration) "
+        "or for Ollama / llama.cpp / LM Studio (--format gguf: LLM GGUF + mmproj GGUF + Modelfile, checked in llama.cpp).",
     )
-    p.add_argument("checkpoint", help="mllm checkpoint directory or hub id")
+    p.add_argument("checkpoint", nargs="?", help="mllm checkpoint directory or hub id (or give --model)")
     p.add_argument("out", help="output directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: the base LLM's)")
+    p.add_argument(
+        "--model", default=None, help="the model as `mllm chat --model` takes it (a llava-hf dir or hub id too)"
+    )
+    p.add_argument("--format", required=True, choices=(*FORMATS, "gguf"))
+    p.add_argument("--merge-lora", action="store_true", help="hf-llava: merge a LoRA adapter into the base weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="hf-llava: weights dtype")
+    p.add_argument(
+        "--type", default=None, help="gguf: the LLM's type, f16 | q8_0 | q4_0 (default: chosen by the check)"
+    )
+    p.add_argument("--mmproj-type", default="f16", help="gguf: the mmproj's type, f16 | f32")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--check", dest="check", action="store_true", default=None, help="gguf: check in llama.cpp")
+    check.add_argument("--no-check", dest="check", action="store_false", help="gguf: skip the llama.cpp check")
     args = p.parse_args(argv)
+    if args.checkpoint is not None and args.model is not None:
+        raise UsageError("mllm export: give the model once, as CKPT or --model")
+    name = args.model or args.checkpoint or "default"
+    if args.format == "gguf":
+        from mllm.gguf_export import export_gguf
+
+        try:
+            result = export_gguf(name, args.out, llm_type=args.type, mmproj_type=args.mmproj_type, check=args.check)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{p.prog}: {e}") from e
+        print(result.summary())
+        return 0
+    from mllm.interop import export_hf_llava
+
     return _print_written(
-        p.prog, export_hf_llava, local_path(args.checkpoint), args.out, merge_lora=args.merge_lora, dtype=args.dtype
+        p.prog, export_hf_llava, local_path(name), args.out, merge_lora=args.merge_lora, dtype=args.dtype
     )
 
 

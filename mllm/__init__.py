@@ -34,6 +34,7 @@ _EXPORTS = {
     "ImageError": "mllm.errors",
     "MessageError": "mllm.errors",
     "TooManyImagesError": "mllm.errors",
+    "UnexportableError": "mllm.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -40,3 +40,7 @@ class CheckpointError(MLLMError):
     """A model directory that is not a loadable checkpoint, or whose files disagree with its config."""
 
     code = "invalid_model"
+
+
+class UnexportableError(CheckpointError):
+    """A model part an export format cannot express (the message names the part and what does export)."""

@@ -275,12 +275,12 @@ def _add_hyperparameters(writer: GGUFWriter, shape: LlamaShape, ftype: str) -> N
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _rope_tensors(shape: LlamaShape) -> list[_Tensor]:
+def _rope_tensors(shape: LlamaShape) -> list[GGUFTensor]:
     """llama3's scaling is a tensor: llama.cpp divides each pair's angle by its `rope_freqs` entry."""
     if shape.rope_type != "llama3":
         return []
     factors = _llama3_freq_factors(shape)
-    return [_Tensor(_name(gguf.MODEL_TENSOR.ROPE_FREQS), factors.shape, GGMLQuantizationType.F32, lambda: factors)]
+    return [GGUFTensor(_name(gguf.MODEL_TENSOR.ROPE_FREQS), factors.shape, GGMLQuantizationType.F32, lambda: factors)]
 
 
 def _llama3_freq_factors(shape: LlamaShape) -> np.ndarray:
@@ -483,7 +483,7 @@ def _chat_template(hf) -> str | list | None:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class GGUFTensor:
     """One tensor to write: its GGUF name, torch-order shape, stored type, and how to get its float32 values (or,
     for a tensor copied as it is, its stored bytes: `raw=True`)."""
 
@@ -538,8 +538,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir} has no model.safetensors; save the model with save_pretrained")
 
 
-def _llm_tensors(model_dir: Path, shape: LlamaShape, ftype: str, stack: ExitStack) -> list[_Tensor]:
-    """Every weight of the checkpoint as a `_Tensor`, in llama.cpp's names and layout, read lazily."""
+def _llm_tensors(model_dir: Path, shape: LlamaShape, ftype: str, stack: ExitStack) -> list[GGUFTensor]:
+    """Every weight of the checkpoint as a `GGUFTensor`, in llama.cpp's names and layout, read lazily."""
     from safetensors import safe_open
 
     found: dict[str, tuple[object, str]] = {}  # GGUF name -> (open file, checkpoint key)
@@ -565,7 +565,7 @@ def _llm_tensors(model_dir: Path, shape: LlamaShape, ftype: str, stack: ExitStac
     tensors = []
     for name, (handle, key) in found.items():
         dims = tuple(handle.get_slice(key).get_shape())
-        tensors.append(_Tensor(name, dims, tensor_qtype(name, dims, ftype, has_output), _loader(handle, key, shape)))
+        tensors.append(GGUFTensor(name, dims, tensor_qtype(name, dims, ftype, has_output), _loader(handle, key, shape)))
     return tensors
 
 
@@ -597,7 +597,9 @@ def _replacing(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _write(out_path: str | Path, arch: str, metadata: Callable[[GGUFWriter], None], tensors: list[_Tensor]) -> Path:
+def write_gguf(
+    out_path: str | Path, arch: str, metadata: Callable[[GGUFWriter], None], tensors: list[GGUFTensor]
+) -> Path:
     """A GGUF at `out_path`: `metadata` adds the keys, then the tensors are declared and streamed one by one."""
     out_path = Path(out_path)
     with _replacing(out_path) as tmp:
@@ -636,7 +638,7 @@ def write_llm_gguf(model_dir: str | Path, out_path: str | Path, ftype: str = "f1
 
     with ExitStack() as stack:  # the weight files stay open while their tensors stream out
         tensors = _rope_tensors(shape) + _llm_tensors(model_dir, shape, ftype, stack)
-        return _write(out_path, ARCH, metadata, tensors)
+        return write_gguf(out_path, ARCH, metadata, tensors)
 
 
 # --- LoRA adapters -----------------------------------------------------------------------------------------------
@@ -708,10 +710,10 @@ def write_lora_gguf(
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
 
-        return _write(out_path, ARCH, metadata, tensors)
+        return write_gguf(out_path, ARCH, metadata, tensors)
 
 
-def _lora_tensors(adapter_dir: Path, handle, shape: LlamaShape, config: dict, qtype) -> list[_Tensor]:
+def _lora_tensors(adapter_dir: Path, handle, shape: LlamaShape, config: dict, qtype) -> list[GGUFTensor]:
     """Every lora_a / lora_b pair of the adapter, checked against the base model's weights."""
     expected = shape.weight_shapes()
     pairs: dict[str, dict[str, str]] = {}  # module -> {"A": key, "B": key}
@@ -741,7 +743,7 @@ def _lora_pair(
     expected: dict[str, tuple[int, int]],
     config: dict,
     qtype: GGMLQuantizationType,
-) -> list[_Tensor]:
+) -> list[GGUFTensor]:
     """lora_a (peft's A, `(r, in)`: llama.cpp's ne = [in, r]) and lora_b (`(out, r)`: ne = [r, out]) for one
     base weight, B's rows in llama.cpp's rope order and its scale folded in where peft's differs."""
     if set(keys) != {"A", "B"}:
@@ -769,8 +771,8 @@ def _lora_pair(
 
     name = gguf_tensor_name(module)
     return [
-        _Tensor(f"{name}.lora_a", a_shape, qtype, lambda: handle.get_tensor(keys["A"]).float().numpy()),
-        _Tensor(f"{name}.lora_b", b_shape, qtype, load_b),
+        GGUFTensor(f"{name}.lora_a", a_shape, qtype, lambda: handle.get_tensor(keys["A"]).float().numpy()),
+        GGUFTensor(f"{name}.lora_b", b_shape, qtype, load_b),
     ]
 
 
@@ -793,10 +795,12 @@ def requantize_gguf(src: str | Path, dst: str | Path, ftype: str) -> Path:
         shape = tuple(int(d) for d in reversed(t.shape))  # ne (innermost first) -> torch order
         qtype = tensor_qtype(t.name, shape, ftype, has_output)
         if qtype == t.tensor_type:
-            tensors.append(_Tensor(t.name, shape, qtype, lambda t=t: t.data, raw=True))
+            tensors.append(GGUFTensor(t.name, shape, qtype, lambda t=t: t.data, raw=True))
         else:
             tensors.append(
-                _Tensor(t.name, shape, qtype, lambda t=t, shape=shape: dequantize(t.data, t.tensor_type).reshape(shape))
+                GGUFTensor(
+                    t.name, shape, qtype, lambda t=t, shape=shape: dequantize(t.data, t.tensor_type).reshape(shape)
+                )
             )
 
     def metadata(writer: GGUFWriter) -> None:
@@ -804,7 +808,7 @@ def requantize_gguf(src: str | Path, dst: str | Path, ftype: str) -> Path:
         writer.add_file_type(FTYPES[ftype][1])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    return _write(dst, arch, metadata, tensors)
+    return write_gguf(dst, arch, metadata, tensors)
 
 
 def _field_value(reader: GGUFReader, key: str):

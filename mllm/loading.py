@@ -46,7 +46,7 @@ def load_model(
     4bit | int4) overriding the stored setting. `auto`: on a CPU, `mllm.backends.CPU_DEFAULT` where it is
     installed and a torch quantization was not asked for, else int4; on CUDA the stored setting through
     transformers."""
-    name = _resolve(name)
+    name = resolve_name(name)
     options = choose_backend(backend, quantization, pick_device(device).type, CPU_DEFAULT_QUANTIZATION)
     quantization = options.pop("quantization")
     if name in BUILTIN:
@@ -76,13 +76,13 @@ def load_model(
 def load_processor(name: str = "default") -> Processor:
     """The processor of `load_model(name)`'s model on its own (mllm checkpoints and `default`: no weights are
     read; a transformers directory's processor is the one its import makes)."""
-    directory = BUILTIN[name] if name in BUILTIN else Path(_resolve(name))
+    directory = BUILTIN[name] if name in BUILTIN else Path(resolve_name(name))
     if (directory / CONFIG_FILE).is_file():
         return Processor.from_pretrained(directory)
     return load_model(name, device="cpu", quantization="none").processor
 
 
-def _resolve(name: str) -> str:
+def resolve_name(name: str) -> str:
     """A built-in name as it is; a hub id (`org/name[@revision]`) as its downloaded snapshot; a local directory
     as its path, put back first if a kill mid-save left it aside (`mllm.atomic.recover`). Anything else is a
     missing directory, said so here rather than tried as a hub id or read as an empty checkpoint."""

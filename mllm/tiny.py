@@ -1,7 +1,7 @@
 """Tiny random-weight checkpoints, written to a directory and loaded by path exactly as a hub id would be.
 
 The tests and the benchmarks build their small models here: a byte-level BPE tokenizer trained offline
-on a few sentences (with a ChatML template), a random LLaMA and a random CLIP vision tower. Nothing is
+on a few sentences (with a ChatML template), a random LLaMA and a random CLIP or SigLIP vision tower. Nothing is
 downloaded; the sizes are arguments so a benchmark can build a larger one with the same code.
 """
 
@@ -17,6 +17,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 from mllm.templates import NAMED_TEMPLATES
@@ -98,4 +100,16 @@ def build_clip(directory: Path, seed: int = 0, **sizes) -> Path:
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         directory
     )
+    return directory
+
+
+def build_siglip(directory: Path, seed: int = 0, **sizes) -> Path:
+    """A random SiglipVisionModel (`TINY_CLIP`'s sizes unless `sizes` say otherwise) and its image processor."""
+    from transformers import SiglipImageProcessor
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(**{**TINY_CLIP, **sizes})
+    SiglipVisionModel(config).save_pretrained(directory)
+    side = config.image_size
+    SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(directory)
     return directory

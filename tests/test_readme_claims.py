@@ -132,13 +132,14 @@ CODES = {
     "TooManyImagesError": "too_many_images",
     "ContextLengthError": "context_length_exceeded",
     "CheckpointError": "invalid_model",
+    "UnexportableError": "invalid_model",
 }
 
 
 def test_each_error_class_the_readme_names_exists_with_its_api_code(tmp_path):
     # README: "each kind of problem has its own error class (`mllm.MLLMError` and its subclasses `ImageError`,
-    # `MessageError`, `TooManyImagesError`, `ContextLengthError`, `CheckpointError`, each with the API error
-    # `code` it maps to)".
+    # `MessageError`, `TooManyImagesError`, `ContextLengthError`, `CheckpointError`, `UnexportableError`, each with
+    # the API error `code` it maps to)".
     import mllm.errors
     from mllm.loading import load_model
 

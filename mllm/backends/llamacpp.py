@@ -275,8 +275,9 @@ _LOG_CALLBACK = None
 GGML_LOG_LEVEL_ERROR = 4
 
 
-def _quiet(lc) -> None:
-    """llama.cpp logs every tensor and setting it loads to stderr: keep its errors only."""
+def _quiet(lc):
+    """llama.cpp logs every tensor and setting it loads to stderr: keep its errors only. Returns the callback (for
+    the libraries that log apart, as mtmd does)."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
 
@@ -286,6 +287,7 @@ def _quiet(lc) -> None:
 
         _LOG_CALLBACK = lc.llama_log_callback(log)  # kept: the C side holds only a pointer to it
         lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    return _LOG_CALLBACK
 
 
 def _set_adapter(lc, ctx, adapter) -> None:
