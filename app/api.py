@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from app.api_request import APIError, error_response, gen_config, parse_request, to_messages
+from app.api_request import APIError, error_response, gen_config, parse_request, response_grammar, to_messages
 from app.api_stream import Completion
 from app.engine import ChatEngine
 from app.scheduling import ChatError
@@ -90,8 +90,10 @@ def create_app(
             message = f"the model {request.model!r} does not exist; this server serves {engine.model_id!r}"
             raise APIError(404, message, "model", "model_not_found")
         messages = to_messages(request, allowed_dir)
+        # Off the event loop: the first grammar builds the tokenizer's index (~1 s), a large schema compiles a while.
+        grammar = await anyio.to_thread.run_sync(response_grammar, request.response_format, engine.json_grammar)
         try:
-            gen = gen_config(request, engine.gen)
+            gen = gen_config(request, engine.gen, grammar)
         except ValueError as e:
             raise APIError(400, str(e)) from e
         # complete() checks the request (images, length, queue) before anything streams.

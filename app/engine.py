@@ -27,6 +27,7 @@ from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, 
 from app.prefix_cache import FeatureCache, PrefixCache, image_hash, prefix_key
 from app.scheduling import Admission, ChatError, FairLock, Stream
 from mllm.batching import Batcher
+from mllm.constrained import Grammar
 from mllm.errors import MLLMError
 from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
@@ -362,6 +363,15 @@ class ChatEngine:
             self._finished.append((now, tokens))
             while self._finished and self._finished[0][0] < now - 60:
                 self._finished.popleft()
+
+    def json_grammar(self, schema: dict | None = None, strict: bool = True) -> Grammar:
+        """A grammar holding a reply to `schema` (a JSON Schema), or to any JSON object when None, for this model's
+        tokenizer (`mllm.constrained`); a GrammarError names what is wrong with the schema."""
+        processor = self.model.processor
+        stops = list(processor.stop_token_ids)
+        if schema is None:
+            return Grammar.json_object(processor.tokenizer, stops)
+        return Grammar.json_schema(processor.tokenizer, stops, schema, strict)
 
     # ---- request checks, off the model thread --------------------------------------------------
     def _check_image_count(self, n: int) -> None:

@@ -40,3 +40,9 @@ class CheckpointError(MLLMError):
     """A model directory that is not a loadable checkpoint, or whose files disagree with its config."""
 
     code = "invalid_model"
+
+
+class GrammarError(MLLMError):
+    """A schema that cannot constrain a reply (not a valid JSON Schema, or a keyword the grammar engine lacks)."""
+
+    code = "invalid_schema"

@@ -20,6 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mllm.constrained import Grammar
 from mllm.processor import Encoded
 
 
@@ -37,6 +38,8 @@ class GenerationConfig:
     """Seed for sampling, for reproducible answers."""
     ignore_eos: bool = False
     """Keep going past end-of-turn tokens (benchmarks that need a fixed token count)."""
+    constraint: Grammar | None = None
+    """Hold the reply to a grammar (`mllm.constrained`: a JSON schema); each reply keeps its own place in it."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -90,6 +93,7 @@ class Sequence:
             self.generator = torch.Generator(device=model.device).manual_seed(gen.seed)
         self.history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
         self.remaining = max_new_tokens
+        self.constraint = gen.constraint.start() if gen.constraint is not None else None
         self.logits: torch.Tensor | None = None  # (1, V) once prefilled
 
     def prefill(self, embeds: torch.Tensor) -> None:
@@ -98,9 +102,11 @@ class Sequence:
 
     def sample(self) -> int | None:
         """The next token from `logits`, or None when the reply is over (a stop token, or no budget left)."""
-        if self.remaining <= 0:
+        if self.remaining <= 0 or (self.constraint is not None and self.constraint.finished):
             return None
         scores = self.logits.float()  # (1, V)
+        if self.constraint is not None:  # before the warpers: top-p keeps its mass among the allowed tokens
+            scores = self.constraint.mask(scores.clone())
         if self.procs:
             scores = self.procs(torch.tensor([self.history], device=scores.device), scores)
         if self.gen.temperature > 0:
@@ -109,6 +115,8 @@ class Sequence:
             token = int(scores.argmax(-1))
         if token in self.stops:
             return None
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.history.append(token)
         self.remaining -= 1
         return token

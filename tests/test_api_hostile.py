@@ -214,8 +214,6 @@ def test_numbers_out_of_range_are_refused_by_name(server, field, value):
 @pytest.mark.parametrize(
     "field, value, phrase",
     [
-        ("response_format", {"type": "json_object"}, "structured output"),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "structured output"),
         ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
         ("tool_choice", "auto", "tool calling"),
         ("logprobs", True, "log probabilities"),
