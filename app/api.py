@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API over ChatEngine: `POST /v1/chat/completions` (SSE streaming), `GET /v1/models`.
+"""OpenAI-compatible HTTP API over ChatEngine: `POST /v1/chat/completions` (SSE streaming), `GET /v1/models`; the
+Ollama-compatible routes under /api/ (app.ollama_api) on the same engine, behind the same key check and body limit.
 
 Images come as base64 `data:` URIs, or as local paths / `file://` URLs inside `--allowed-image-dir`.
 Remote http(s) URLs are refused: fetching them would make this server reach wherever a client
@@ -22,13 +23,14 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from app.api_request import APIError, error_response, gen_config, parse_request, response_grammar, to_messages
-from app.api_stream import Completion
+from app.api_stream import CancellingStreamingResponse, Completion
 from app.engine import ChatEngine
+from app.ollama_api import ollama_router
 from app.scheduling import ChatError
 
 MAX_BODY_BYTES = 64 * 2**20  # a request with a few large base64 images fits; a runaway one does not
@@ -115,31 +117,40 @@ def create_app(
             return {"status": "ok"}
         return {"status": "ok", **{k: v for k, v in engine.info().items() if k in HEALTH_FIELDS}}
 
+    app.include_router(ollama_router(engine, limiter, created))
+
     @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code)
+    async def api_error(http: Request, e: APIError):
+        return shaped_error(http.url.path, e.status, e.message, e.param, e.code)
 
     @app.exception_handler(ChatError)
-    async def chat_error(_, e: ChatError):
+    async def chat_error(http: Request, e: ChatError):
         if e.code == "overloaded":
-            return error_response(503, str(e), None, e.code, headers={"Retry-After": "1"})
-        return error_response(400, str(e), "messages", e.code)
+            return shaped_error(http.url.path, 503, str(e), None, e.code, headers={"Retry-After": "1"})
+        return shaped_error(http.url.path, 400, str(e), "messages", e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def schema_error(_, e: RequestValidationError):
+    async def schema_error(http: Request, e: RequestValidationError):
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return error_response(400, f"{param or 'request'}: {first['msg']}", param, "invalid_request")
+        return shaped_error(http.url.path, 400, f"{param or 'request'}: {first['msg']}", param, "invalid_request")
 
     @app.exception_handler(Exception)
-    async def server_error(_, e: Exception):
-        return error_response(500, f"internal error ({type(e).__name__}: {e}); see the server log")
+    async def server_error(http: Request, e: Exception):
+        return shaped_error(http.url.path, 500, f"internal error ({type(e).__name__}: {e}); see the server log")
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), None, None)
+    async def http_error(http: Request, e: HTTPException):
+        return shaped_error(http.url.path, e.status_code, str(e.detail), None, None)
 
     return app
+
+
+def shaped_error(path: str, status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    """An error in the shape its route's clients read: Ollama's `{"error": "..."}` under /api/, OpenAI's elsewhere."""
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, message, param, code, headers=headers)
 
 
 def key_matches(headers, api_key: str) -> bool:
@@ -160,7 +171,7 @@ class APIKeyAuth:
             return await self.app(scope, receive, send)
         if not key_matches(Headers(scope=scope), self.api_key):
             message = "missing or wrong API key; send 'Authorization: Bearer <key>'"
-            return await error_response(401, message, None, "invalid_api_key")(scope, receive, send)
+            return await shaped_error(scope["path"], 401, message, None, "invalid_api_key")(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -199,35 +210,14 @@ class BodyLimit:
 
     async def _refuse(self, scope, receive, send):
         mib = self.max_bytes / 2**20
-        response = error_response(
-            413, f"the request body is over {mib:g} MiB; send fewer or smaller images", None, "request_too_large"
+        response = shaped_error(
+            scope["path"],
+            413,
+            f"the request body is over {mib:g} MiB; send fewer or smaller images",
+            None,
+            "request_too_large",
         )
         await response(scope, receive, send)
-
-
-class CancellingStreamingResponse(StreamingResponse):
-    """A streaming reply that tells the engine when its client goes away (`on_disconnect`), wherever the reply
-    is: waiting in the queue, prefilling or decoding. Starlette's own listener only stops sending; the worker
-    thread waiting for a queue place would still be admitted and prefilled."""
-
-    def __init__(self, content, on_disconnect, **kwargs):
-        super().__init__(content, **kwargs)
-        self.on_disconnect = on_disconnect
-
-    async def __call__(self, scope, receive, send):
-        async with anyio.create_task_group() as group:
-
-            async def listen() -> None:
-                await self.listen_for_disconnect(receive)
-                self.on_disconnect()
-                group.cancel_scope.cancel()
-
-            group.start_soon(listen)
-            try:
-                await self.stream_response(send)
-            except OSError:  # the client went away mid-send
-                self.on_disconnect()
-            group.cancel_scope.cancel()
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import anyio
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from app.api_request import ChatRequest
 from app.scheduling import Stream
@@ -49,10 +50,20 @@ class StopMatcher:
 class Completion:
     """One request's reply, read from the engine's Stream in worker threads (each next() may wait its turn)."""
 
-    def __init__(self, stream: Stream, request: ChatRequest, model_id: str, limiter: anyio.CapacityLimiter):
+    def __init__(
+        self,
+        stream: Stream,
+        request: ChatRequest | None,
+        model_id: str,
+        limiter: anyio.CapacityLimiter,
+        stops: list[str] | None = None,
+    ):
+        """`request`: the OpenAI request (`sse` and `response` read it); the Ollama routes pass None and `stops`,
+        and read `pieces` themselves."""
         self.stream, self.request, self.model_id, self.limiter = stream, request, model_id, limiter
-        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        self.matcher = StopMatcher(stops)
+        if request is not None:
+            stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        self.matcher = StopMatcher(stops or [])
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.finish_reason = "stop"
 
@@ -108,7 +119,8 @@ class Completion:
             yield self._chunk([], usage=self.usage())
         yield "data: [DONE]\n\n"
 
-    async def response(self, http: Request) -> dict:
+    async def collect(self, http: Request) -> str:
+        """The whole reply's text (a non-streaming request), stopped if the client goes away meanwhile."""
         text = ""
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch, http)  # the body is read: the next message is the client leaving
@@ -116,6 +128,10 @@ class Completion:
                 async for piece in pieces:
                     text += piece
             group.cancel_scope.cancel()
+        return text
+
+    async def response(self, http: Request) -> dict:
+        text = await self.collect(http)
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
         return {
@@ -126,3 +142,28 @@ class Completion:
             "choices": [choice],
             "usage": self.usage(),
         }
+
+
+class CancellingStreamingResponse(StreamingResponse):
+    """A streaming reply that tells the engine when its client goes away (`on_disconnect`), wherever the reply
+    is: waiting in the queue, prefilling or decoding. Starlette's own listener only stops sending; the worker
+    thread waiting for a queue place would still be admitted and prefilled."""
+
+    def __init__(self, content, on_disconnect, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as group:
+
+            async def listen() -> None:
+                await self.listen_for_disconnect(receive)
+                self.on_disconnect()
+                group.cancel_scope.cancel()
+
+            group.start_soon(listen)
+            try:
+                await self.stream_response(send)
+            except OSError:  # the client went away mid-send
+                self.on_disconnect()
+            group.cancel_scope.cancel()

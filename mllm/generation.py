@@ -17,6 +17,7 @@ from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -32,6 +33,8 @@ class GenerationConfig:
     """0 is greedy decoding; higher samples more freely."""
     top_p: float = 1.0
     """Nucleus sampling mass (used when temperature > 0)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (used when temperature > 0); 0 turns it off."""
     repetition_penalty: float = 1.0
     """>1 discourages repeating earlier tokens (CTRL-style, as in transformers)."""
     seed: int | None = None
@@ -48,6 +51,8 @@ class GenerationConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -59,6 +64,8 @@ class GenerationConfig:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
             procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
             if self.top_p < 1.0:
                 procs.append(TopPLogitsWarper(self.top_p))
         return procs
