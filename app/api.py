@@ -23,13 +23,15 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from app.api_request import APIError, error_response, gen_config, parse_request, response_grammar, to_messages
 from app.api_stream import CancellingStreamingResponse, Completion
 from app.engine import ChatEngine
+from app.metrics import Metrics, RequestCounter
 from app.ollama_api import ollama_router
 from app.scheduling import ChatError
 
@@ -52,12 +54,30 @@ HEALTH_FIELDS = (
 )
 
 
+# The routes counted by name in /metrics (any other path is counted as "other").
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/api/chat",
+    "/api/generate",
+    "/api/tags",
+    "/api/show",
+    "/api/ps",
+    "/api/version",
+)
+
+
 def create_app(
     engine: ChatEngine,
     api_key: str | None = None,
     allowed_image_dir: str | Path | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: tuple[str, ...] | list[str] = (),
 ) -> FastAPI:
+    """The server's app. `cors_origins`: the browser origins (`https://app.example`) whose pages may call it; none
+    by default, so a web page a user visits cannot make their browser talk to a local server."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; pass a non-empty key, or none to serve without one")
     allowed_dir = Path(allowed_image_dir).resolve() if allowed_image_dir is not None else None
@@ -67,10 +87,20 @@ def create_app(
     created = int(time.time())
 
     app = FastAPI(title="mllm", docs_url=None, redoc_url=None)
-    # The last middleware added runs first: the key is checked before a byte of the body is read.
+    metrics = Metrics(engine, ROUTES)
+    # The last middleware added runs first: the key is checked before a byte of the body is read, and CORS answers
+    # a browser's preflight (which carries no key) before the key check, adding its headers to every reply.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=api_key, open_paths=("/health",))
+    app.add_middleware(RequestCounter, metrics=metrics)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     v1 = APIRouter(prefix="/v1")
     card = {"id": engine.model_id, "object": "model", "created": created, "owned_by": "mllm"}
 
@@ -86,6 +116,7 @@ def create_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(http: Request):
+        arrived = time.perf_counter()
         # Parsed and checked off the event loop: a body near the size limit takes a while to parse.
         request = await anyio.to_thread.run_sync(parse_request, await http.body())
         if request.model not in (engine.model_id, engine.name):
@@ -102,7 +133,7 @@ def create_app(
         exact = (request.max_completion_tokens or request.max_tokens) is not None
         complete = partial(engine.complete, messages, gen, exact_max_tokens=exact)
         stream = await anyio.to_thread.run_sync(complete, limiter=limiter)
-        completion = Completion(stream, request, engine.model_id, limiter)
+        completion = Completion(stream, request, engine.model_id, limiter, on_done=metrics.reply_done, started=arrived)
         if request.stream:
             return CancellingStreamingResponse(completion.sse(), completion.cancel, media_type="text/event-stream")
         return await completion.response(http)
@@ -117,7 +148,12 @@ def create_app(
             return {"status": "ok"}
         return {"status": "ok", **{k: v for k, v in engine.info().items() if k in HEALTH_FIELDS}}
 
-    app.include_router(ollama_router(engine, limiter, created))
+    app.include_router(ollama_router(engine, limiter, created, on_done=metrics.reply_done))
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(APIError)
     async def api_error(http: Request, e: APIError):

@@ -57,25 +57,31 @@ class Completion:
         model_id: str,
         limiter: anyio.CapacityLimiter,
         stops: list[str] | None = None,
+        on_done=None,
+        started: float | None = None,
     ):
         """`request`: the OpenAI request (`sse` and `response` read it); the Ollama routes pass None and `stops`,
-        and read `pieces` themselves."""
+        and read `pieces` themselves. `on_done(started, first, tokens)` is told when the reply ends (app.metrics):
+        `started` (the request's arrival; default: now) and its first text on `time.perf_counter`'s clock (first: None without text), its token count."""
         self.stream, self.request, self.model_id, self.limiter = stream, request, model_id, limiter
         if request is not None:
             stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
         self.matcher = StopMatcher(stops or [])
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.finish_reason = "stop"
+        self.on_done, self.started, self.first = on_done, started or time.perf_counter(), None
 
     async def pieces(self):
         try:
             while (piece := await anyio.to_thread.run_sync(next, self.stream, None, limiter=self.limiter)) is not None:
                 text, hit = self.matcher.push(piece)
                 if text:
+                    self.first = self.first or time.perf_counter()
                     yield text
                 if hit:  # a stop string: stop generating too, not just sending
                     return
             if tail := self.matcher.flush():
+                self.first = self.first or time.perf_counter()
                 yield tail
             self.finish_reason = "length" if self.stream.finish_reason == "length" else "stop"
         finally:
@@ -84,6 +90,8 @@ class Completion:
             # must run even when this task is being cancelled (the client went away).
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.stream.close, limiter=self.limiter)
+            if self.on_done is not None:
+                self.on_done(self.started, self.first, self.stream.completion_tokens)
 
     def cancel(self) -> None:
         """The client went away: stop the reply wherever it is (waiting for a place, prefilling, decoding)."""

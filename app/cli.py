@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -272,7 +273,9 @@ def _warn_if_open(prog: str, host: str, flag: str, protected: bool) -> None:
 
 
 def cmd_api(argv: list[str]) -> int:
-    p = Parser(prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API.")
+    p = Parser(
+        prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API (and Ollama's, under /api)."
+    )
     add_model_args(p)
     add_server_args(p, port=8000)
     p.add_argument("--api-key", default=os.environ.get("MLLM_API_KEY"), help="require this bearer token")
@@ -292,9 +295,19 @@ def cmd_api(argv: list[str]) -> int:
         help="int4: batches of 8+ replies stay on the int4 kernel, each reply bit for bit what it would be alone "
         "(default: bf16 products there, 1.7x faster steps, replies may differ where two tokens nearly tie)",
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API from a browser; repeatable; none by default",
+    )
     args = p.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():  # an empty bearer token would be the key
         raise UsageError("mllm api: --api-key (or MLLM_API_KEY) must not be empty")
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(f"mllm api: --cors-origin {origin!r} is not an origin; give scheme://host[:port], no path")
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
     if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mib < 0:
@@ -317,6 +330,7 @@ def cmd_api(argv: list[str]) -> int:
         api_key=args.api_key,
         allowed_image_dir=args.allowed_image_dir,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        cors_origins=args.cors_origin,
     )
     _warn_if_open("mllm api", args.host, "--api-key", args.api_key is not None)
     print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)

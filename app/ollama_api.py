@@ -65,7 +65,8 @@ class _Timed:
         }
 
 
-def ollama_router(engine: ChatEngine, limiter: anyio.CapacityLimiter, started: float) -> APIRouter:
+def ollama_router(engine: ChatEngine, limiter: anyio.CapacityLimiter, started: float, on_done=None) -> APIRouter:
+    """The /api/ routes; `on_done` is told of each reply's timing (`app.api_stream.Completion`)."""
     api = APIRouter(prefix="/api")
     names = {engine.model_id, f"{engine.model_id}:latest", engine.name}
     modified = datetime.fromtimestamp(started, timezone.utc).isoformat().replace("+00:00", "Z")
@@ -137,7 +138,7 @@ def ollama_router(engine: ChatEngine, limiter: anyio.CapacityLimiter, started: f
         }
 
     async def reply(http: Request, kind: type[req.OllamaBody]):
-        timed = _Timed()
+        timed, arrived = _Timed(), time.perf_counter()
         request = await anyio.to_thread.run_sync(req.parse, await http.body(), kind)
         check_model(request.model)
         chat = kind is req.ChatBody
@@ -153,7 +154,9 @@ def ollama_router(engine: ChatEngine, limiter: anyio.CapacityLimiter, started: f
         constraint = await anyio.to_thread.run_sync(req.grammar, request, engine.json_grammar)
         gen = req.gen_config(request, engine.gen, constraint)
         stream = await anyio.to_thread.run_sync(partial(engine.complete, messages, gen), limiter=limiter)
-        completion = Completion(stream, None, engine.model_id, limiter, stops=req.stops(request))
+        completion = Completion(
+            stream, None, engine.model_id, limiter, stops=req.stops(request), on_done=on_done, started=arrived
+        )
         if not request.stream:
             text = await completion.collect(http)
             timed.piece()

@@ -132,6 +132,7 @@ CODES = {
     "TooManyImagesError": "too_many_images",
     "ContextLengthError": "context_length_exceeded",
     "CheckpointError": "invalid_model",
+    "GrammarError": "invalid_schema",
 }
 
 
