@@ -28,8 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from app.api_request import APIError, error_response, gen_config, parse_request, response_grammar, to_messages
-from app.api_stream import CancellingStreamingResponse, Completion
+from app.api_request import APIError, error_response, gen_configs, parse_request, response_grammar, to_messages
+from app.api_stream import CancellingStreamingResponse, ChatReply, Completion
 from app.engine import ChatEngine
 from app.metrics import Metrics, RequestCounter
 from app.ollama_api import ollama_router
@@ -126,17 +126,26 @@ def create_app(
         # Off the event loop: the first grammar builds the tokenizer's index (~1 s), a large schema compiles a while.
         grammar = await anyio.to_thread.run_sync(response_grammar, request.response_format, engine.json_grammar)
         try:
-            gen = gen_config(request, engine.gen, grammar)
+            gens = gen_configs(request, engine.gen, grammar)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        # complete() checks the request (images, length, queue) before anything streams.
+        if request.n > engine.max_concurrency:
+            message = f"n={request.n}: this server decodes at most {engine.max_concurrency} replies at once; lower n"
+            raise APIError(400, message, "n", "invalid_request")
+        # complete_many() checks the request (images, length, queue) before anything streams.
         exact = (request.max_completion_tokens or request.max_tokens) is not None
-        complete = partial(engine.complete, messages, gen, exact_max_tokens=exact)
-        stream = await anyio.to_thread.run_sync(complete, limiter=limiter)
-        completion = Completion(stream, request, engine.model_id, limiter, on_done=metrics.reply_done, started=arrived)
+        complete = partial(engine.complete_many, messages, gens, exact_max_tokens=exact)
+        streams = await anyio.to_thread.run_sync(complete, limiter=limiter)
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        decode = engine.model.processor.decode
+        choices = [
+            Completion(s, limiter, stops, metrics.reply_done, arrived, logprobs=g.logprobs, decode=decode)
+            for s, g in zip(streams, gens, strict=True)
+        ]
+        reply = ChatReply(choices, request, engine.model_id)
         if request.stream:
-            return CancellingStreamingResponse(completion.sse(), completion.cancel, media_type="text/event-stream")
-        return await completion.response(http)
+            return CancellingStreamingResponse(reply.sse(), reply.cancel, media_type="text/event-stream")
+        return await reply.response(http)
 
     app.include_router(v1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mllm.constrained import Grammar
 from mllm.errors import GrammarError
 from mllm.generation import GenerationConfig
+from mllm.logprobs import MAX_TOP_LOGPROBS, LogprobRecord
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -53,6 +55,7 @@ MAX_IMAGE_PARTS = 64  # counted before any is decoded; the model's own limit (ma
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_TOKENS = 1_000_000  # a reply also stops at the context length
+MAX_CHOICES = 8  # `n`: each choice takes a place in the batch
 
 
 class ContentPart(BaseModel):
@@ -104,8 +107,11 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices: each its own reply, decoded side by side; with a seed, choice k samples with seed + k."""
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM's extra sampling parameter (OpenAI clients send it in extra_body): the reply runs to max_tokens
     # whatever the model writes, so load benchmarks compare equal lengths.
     ignore_eos: bool = False
@@ -131,8 +137,6 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
     "functions": (_unset, "function calling is not supported by this server; leave functions out"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported; leave it out"),
     "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "tool calling is not supported"),
-    "logprobs": (_unset, "log probabilities are not returned by this server; leave logprobs out"),
-    "top_logprobs": (_unset, "log probabilities are not returned by this server; leave top_logprobs out"),
     "logit_bias": (_unset, "logit_bias is not supported by this server; leave it out"),
     "presence_penalty": (_unset, "presence_penalty is not supported by this server; leave it out or send 0"),
     "frequency_penalty": (_unset, "frequency_penalty is not supported by this server; leave it out or send 0"),
@@ -162,8 +166,9 @@ def check_parameters(request: ChatRequest) -> None:
         message = "stream_options is only allowed when stream is true; set stream: true or leave stream_options out"
         raise APIError(400, message, "stream_options", "invalid_request")
     check_response_format(request.response_format)
-    if request.n != 1:
-        raise APIError(400, f"n={request.n}: this server returns one choice per request; use n=1", "n")
+    if request.top_logprobs is not None and not request.logprobs:
+        message = "top_logprobs needs logprobs: true; send both, or leave top_logprobs out"
+        raise APIError(400, message, "top_logprobs", "invalid_request")
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stops) > MAX_STOP_SEQUENCES:
         message = f"{len(stops)} stop sequences; send at most {MAX_STOP_SEQUENCES}, as OpenAI allows"
@@ -329,6 +334,22 @@ def response_grammar(fmt: ResponseFormat | None, json_grammar) -> Grammar | None
         raise APIError(
             400, f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema", e.code
         ) from e
+
+
+def gen_configs(
+    request: ChatRequest, default: GenerationConfig, grammar: Grammar | None = None
+) -> list[GenerationConfig]:
+    """One config per choice (`n`): choice k samples with `seed + k` (reproducible, and the choices differ), and
+    records its own log probabilities when asked."""
+    gen = gen_config(request, default, grammar)
+    return [
+        replace(
+            gen,
+            seed=None if gen.seed is None else gen.seed + k,
+            logprobs=LogprobRecord(request.top_logprobs or 0) if request.logprobs else None,
+        )
+        for k in range(request.n)
+    ]
 
 
 def gen_config(request: ChatRequest, default: GenerationConfig, grammar: Grammar | None = None) -> GenerationConfig:

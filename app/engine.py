@@ -293,6 +293,14 @@ class ChatEngine:
         A reply stops at the context length. With `exact_max_tokens` (the client asked for a number of tokens)
         a prompt that leaves less room than `gen.max_new_tokens` is refused, as OpenAI refuses it.
         """
+        return self.complete_many(messages, [gen or self.gen], cancel, on_queue, exact_max_tokens)[0]
+
+    def complete_many(
+        self, messages: list[dict], gens: list[GenerationConfig], cancel=None, on_queue=None, exact_max_tokens=False
+    ) -> list[Stream]:
+        """`complete` once per config in `gens` (the API's `n` choices): the images are decoded and the prompt
+        encoded once, and each reply is its own Stream, decoding in the batch beside the others (the image
+        features are encoded once: the feature cache)."""
 
         def is_image(part) -> bool:
             return isinstance(part, dict) and part.get("type") == "image"
@@ -307,19 +315,29 @@ class ChatEngine:
                 content = message["content"]
                 message["content"] = [{"type": "image", "image": next(loaded)} if is_image(p) else p for p in content]
         encoded = self._encode(messages)
-        gen = gen or self.gen
         limit, prompt = self.model.processor.max_length, len(encoded.input_ids)
-        if exact_max_tokens and limit is not None and prompt + gen.max_new_tokens > limit:
+        wanted = max(gen.max_new_tokens for gen in gens)
+        if exact_max_tokens and limit is not None and prompt + wanted > limit:
             raise ChatError(
-                f"this model's maximum context length is {limit} tokens, but {prompt + gen.max_new_tokens} were "
-                f"requested ({prompt} in the messages, {gen.max_new_tokens} in the completion); reduce the length "
+                f"this model's maximum context length is {limit} tokens, but {prompt + wanted} were "
+                f"requested ({prompt} in the messages, {wanted} in the completion); reduce the length "
                 "of the messages or max_tokens",
                 "context_length_exceeded",
             )
-        start = partial(self._generate, encoded, gen)  # called with the Stream
-        stream = Stream(self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors)
-        stream.prompt_tokens = len(encoded.input_ids)
-        return stream
+        streams = []
+        try:
+            for gen in gens:
+                start = partial(self._generate, encoded, gen)  # called with the Stream
+                stream = Stream(
+                    self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors
+                )
+                stream.prompt_tokens = len(encoded.input_ids)
+                streams.append(stream)
+        except BaseException:  # a full queue: the places already taken go back
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
 
     def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
         """The reply to `encoded`, prefilling only what no earlier request's KV holds and encoding only unseen

@@ -154,9 +154,7 @@ def ollama_router(engine: ChatEngine, limiter: anyio.CapacityLimiter, started: f
         constraint = await anyio.to_thread.run_sync(req.grammar, request, engine.json_grammar)
         gen = req.gen_config(request, engine.gen, constraint)
         stream = await anyio.to_thread.run_sync(partial(engine.complete, messages, gen), limiter=limiter)
-        completion = Completion(
-            stream, None, engine.model_id, limiter, stops=req.stops(request), on_done=on_done, started=arrived
-        )
+        completion = Completion(stream, limiter, req.stops(request), on_done, arrived)
         if not request.stream:
             text = await completion.collect(http)
             timed.piece()

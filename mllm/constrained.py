@@ -93,6 +93,8 @@ class Constraint:
         """`scores` (1, V) with every token the grammar does not allow next set to -inf (in place)."""
         words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)  # little-endian 32-bit words
         allowed = torch.from_numpy(np.unpackbits(words, bitorder="little")[: self.vocab].astype(bool))  # (V_tok,)
+        if not allowed.any():  # a dead end (or a resource limit hit): nothing could be sampled
+            raise GrammarError(f"the grammar allows no next token: {self.matcher.get_error() or 'a dead end'}")
         width = min(self.vocab, scores.shape[-1])
         scores[0, :width].masked_fill_(~allowed[:width], float("-inf"))
         scores[0, width:] = float("-inf")  # rows past the tokenizer's vocabulary (padding) are never text

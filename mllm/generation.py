@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from mllm.constrained import Grammar
+from mllm.logprobs import LogprobRecord
 from mllm.processor import Encoded
 
 
@@ -43,6 +44,8 @@ class GenerationConfig:
     """Keep going past end-of-turn tokens (benchmarks that need a fixed token count)."""
     constraint: Grammar | None = None
     """Hold the reply to a grammar (`mllm.constrained`: a JSON schema); each reply keeps its own place in it."""
+    logprobs: LogprobRecord | None = None
+    """Where the log probability of each token goes (`mllm.logprobs`): one record for one reply alone."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -124,6 +127,8 @@ class Sequence:
             return None
         if self.constraint is not None:
             self.constraint.advance(token)
+        if self.gen.logprobs is not None:
+            self.gen.logprobs.add(self.logits, token)
         self.history.append(token)
         self.remaining -= 1
         return token

@@ -99,7 +99,20 @@ request = st.fixed_dictionaries(
         "top_p": st.floats(allow_nan=True) | junk,
         "seed": st.integers(-(2**70), 2**70) | junk,
         "stop": st.lists(text, max_size=5) | text | junk,
-        "n": st.integers(-2, 3) | junk,
+        "n": st.integers(-2, 9) | junk,
+        "logprobs": st.booleans() | junk,
+        "top_logprobs": st.integers(-1, 22) | junk,
+        "response_format": st.sampled_from(
+            [
+                {"type": "text"},
+                {"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": []}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": {"not": {}}}},
+            ]
+        )
+        | junk,
         "stream": st.booleans() | junk,
         "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | junk}) | junk,
     },

@@ -216,8 +216,6 @@ def test_numbers_out_of_range_are_refused_by_name(server, field, value):
     [
         ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
         ("tool_choice", "auto", "tool calling"),
-        ("logprobs", True, "log probabilities"),
-        ("top_logprobs", 3, "log probabilities"),
         ("logit_bias", {"42": 5}, "logit_bias"),
         ("presence_penalty", 0.5, "presence_penalty"),
         ("frequency_penalty", 1.0, "frequency_penalty"),
