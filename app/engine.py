@@ -31,6 +31,7 @@ from mllm.constrained import Grammar
 from mllm.errors import MLLMError
 from mllm.generation import GenerationConfig, Reply
 from mllm.image_processing import load_image
+from mllm.llm import logical_parameters
 from mllm.session import ChatSession, image_count, text_of
 
 # Large images decoding at once across all requests. Each may briefly hold its decoded image and one
@@ -110,6 +111,8 @@ class ChatEngine:
         self._encode_lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        towers = itertools.chain(model.vision.parameters(), model.connector.parameters())
+        self._parameters = sum(p.numel() for p in towers) + logical_parameters(model.llm)
 
     @classmethod
     def load(
@@ -459,8 +462,8 @@ class ChatEngine:
             "quantization": cfg.llm.quantization,
             "backend": model.backend.name,
             "device": str(model.device),
-            # bitsandbytes packs 4-bit weights two to a byte, so this counts stored elements, not the original shapes.
-            "parameters": sum(p.numel() for p in model.parameters()),
+            # As the architectures define them, however the weights are stored (packed int4, GGUF in llama.cpp).
+            "parameters": self._parameters,
             "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "tokens_per_image": model.tokens_per_image,
             "max_images": model.processor.max_images,
