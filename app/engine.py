@@ -224,6 +224,38 @@ class ChatEngine:
             conv = self._conversations.get(conv_id)
         return [] if conv is None else [Turn(t, sources, reply) for t, _, sources, reply in exchanges(conv)]
 
+    def set_system(self, conv_id: str, system: str | None) -> None:
+        """The conversation's system prompt from its next turn on (None or blank: none). The history is kept; the
+        next turn re-prefills it (a changed first message changes every position after it)."""
+        system = system if system and system.strip() else None
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is None or conv.session.system == system:
+                return
+        with self._reserved(conv_id, create=False) as conv:
+            session = conv.session
+            has_system = bool(session.messages) and session.messages[0]["role"] == "system"
+            rest = session.messages[1:] if has_system else session.messages
+            session.system = system
+            session.messages = ([{"role": "system", "content": system}] if system else []) + rest
+
+    def seen(self, conv_id: str) -> dict:
+        """What the model saw of the conversation: `images`, each as the tower received it (resized and padded or
+        cropped to its input size, before normalisation), `tokens_per_image`, and `context_tokens` of
+        `context_length` the conversation fills (its prompt as the next turn would send it)."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+        processor = self.model.processor
+        info = {"images": [], "tokens_per_image": self.model.tokens_per_image, "context_tokens": 0}
+        info["context_length"] = processor.max_length
+        if conv is None or not conv.session.messages:
+            return info
+        session = conv.session
+        info["images"] = list(session.images)
+        with _user_errors(), self._encode_lock:
+            info["context_tokens"] = len(processor.encode(session.messages, session.images, labels=False).input_ids)
+        return info
+
     # ---- turns ----------------------------------------------------------------------------------
     def stream(self, conv_id: str, text: str, images: list | None = None, gen=None, on_queue=None) -> Stream:
         """Ask in a conversation: `images` (paths, bytes, PIL) go before the text. Iterate the result."""

@@ -133,18 +133,21 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
             gr.Warning(str(e))
         yield chat_messages(engine.history(conv)), gr.skip(), conv
 
-    def respond(message: dict, conv, temperature, top_p, max_tokens):
+    def respond(message: dict, conv, temperature, top_p, max_tokens, system: str = ""):
         if expired(conv):  # the message stays in the box and the old chat on screen
             yield gr.skip(), gr.skip(), conv
             return
-        conv = conv or engine.new_conversation()
+        if conv is None:
+            conv = engine.new_conversation(system=system.strip() or None)
+        else:
+            engine.set_system(conv, system)
         text, files = message.get("text", ""), list(message.get("files", []))
         gen = gen_config(temperature, top_p, max_tokens)
         start = partial(engine.stream, conv, text, files, gen, on_queue)
         empty = {"text": "", "files": []}
         yield from play(conv, start, engine.history(conv), Turn(text, files, ""), empty)
 
-    def regenerate(conv, temperature, top_p, max_tokens):
+    def regenerate(conv, temperature, top_p, max_tokens, system: str = ""):
         if expired(conv):
             yield gr.skip(), gr.skip(), conv
             return
@@ -153,8 +156,24 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
             gr.Warning("nothing to regenerate yet: ask something first")
             yield gr.skip(), gr.skip(), conv
             return
+        engine.set_system(conv, system)
         start = partial(engine.regenerate, conv, gen_config(temperature, top_p, max_tokens), on_queue)
         yield from play(conv, start, turns[:-1], Turn(turns[-1].text, turns[-1].images, ""), gr.skip())
+
+    def busy():
+        return gr.update(interactive=True)
+
+    def idle(conv):
+        """After a reply: Stop greys out, and the model's view of the conversation is brought up to date."""
+        return gr.update(interactive=False), *seen_view(conv)
+
+    def seen_view(conv) -> tuple[list, str]:
+        info = engine.seen(conv) if conv and engine.has_conversation(conv) else engine.seen("")
+        n, size = info["tokens_per_image"], engine.model.processor.image_processor.image_size
+        gallery = [(image, f"image {k + 1}: {size}x{size} px, {n} tokens") for k, image in enumerate(info["images"])]
+        limit = info["context_length"]
+        used = f"{info['context_tokens']:,} of {limit:,} tokens" if limit else f"{info['context_tokens']:,} tokens"
+        return gallery, f"{len(gallery)} image(s) in this chat, {n} tokens each; context used: {used}"
 
     def stop_reply(conv) -> None:
         if conv:
@@ -175,6 +194,9 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
         if conv:
             engine.clear(conv)
         return [], None, None  # no conversation until the next message: the engine creates it then
+
+    def cleared():
+        return seen_view(None)
 
     def export(conv, request: gr.Request):
         if conv is None:  # asking the engine would create a conversation just to find it empty
@@ -208,13 +230,24 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
                     elem_id="box",
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    # Active only while a reply is being generated (`busy` / `idle`).
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
                     regen = gr.Button("Regenerate", elem_id="regenerate")
                     undo_btn = gr.Button("Undo / edit last", elem_id="undo")
                     clear_btn = gr.Button("Clear", elem_id="clear")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[box], label="Examples")
+                with gr.Accordion("What the model saw", open=False, elem_id="seen"):
+                    seen_usage = gr.Markdown(seen_view(None)[1], elem_id="seen-usage")
+                    seen = gr.Gallery(label="Each image as the vision tower received it", columns=4, height=240)
             with gr.Column(scale=1, min_width=340):
+                system = gr.Textbox(
+                    value="",
+                    label="System prompt",
+                    placeholder="Optional: how the assistant should answer. Applies from the next message on.",
+                    lines=2,
+                    elem_id="system",
+                )
                 temperature = gr.Slider(0, 2, value=engine.gen.temperature, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1, value=engine.gen.top_p, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, 1024, value=engine.gen.max_new_tokens, step=1, label="Max new tokens")
@@ -224,12 +257,17 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
 
         sliders = [temperature, top_p, max_tokens]
         # concurrency_limit=None: the engine's own queue decides who generates and tells waiters their place.
-        box.submit(respond, [box, conv, *sliders], [chatbot, box, conv], concurrency_limit=None)
-        regen.click(regenerate, [conv, *sliders], [chatbot, box, conv], concurrency_limit=None)
+        after = {"fn": idle, "inputs": [conv], "outputs": [stop, seen, seen_usage], "queue": False}
+        box.submit(busy, None, [stop], queue=False).then(
+            respond, [box, conv, *sliders, system], [chatbot, box, conv], concurrency_limit=None
+        ).then(**after)
+        regen.click(busy, None, [stop], queue=False).then(
+            regenerate, [conv, *sliders, system], [chatbot, box, conv], concurrency_limit=None
+        ).then(**after)
         # Stop goes through the engine (the decode loop checks the event between tokens), not Gradio's cancel.
         stop.click(stop_reply, [conv], None, queue=False)
-        undo_btn.click(undo, [conv], [chatbot, box])
-        clear_btn.click(clear, [conv], [chatbot, download, conv])
+        undo_btn.click(undo, [conv], [chatbot, box]).then(**after)
+        clear_btn.click(clear, [conv], [chatbot, download, conv]).then(cleared, None, [seen, seen_usage], queue=False)
         export_btn.click(export, [conv], [download])
         demo.unload(forget_exports)  # the tab closed: its exports go
     # Replies skip Gradio's line (concurrency_limit=None above): the engine runs max_concurrency of them, lets

@@ -105,8 +105,11 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
     page.wait_for_selector("#box textarea")
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (220, 30, 30)).save(image)
+    assert page.locator("#stop").is_disabled()  # nothing is being generated
+    page.locator("#system textarea").fill("You answer in one word.")
 
     _ask(page, "what color is this?", image)
+    page.wait_for_function("() => !document.querySelector('#stop').disabled", timeout=15_000)
     page.wait_for_selector("#chat .bot", timeout=15_000)
     page.wait_for_function("() => document.querySelector('#chat .bot')?.innerText.length > 0", timeout=15_000)
     shown = _reply_length(page)
@@ -116,6 +119,16 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
     page.locator("#stop").click()
     stopped = _wait_until_still(page, engine)
     assert engine.info()["running"] == 0  # the engine stopped decoding, not just the page
+    page.wait_for_function("() => document.querySelector('#stop').disabled", timeout=15_000)
+    (conversation,) = [c for c in engine._conversations if engine.history(c)]
+    assert engine._conversations[conversation].session.messages[0] == {
+        "role": "system",
+        "content": "You answer in one word.",
+    }
+    page.get_by_text("What the model saw").click()  # the image as the tower got it, and the context used
+    page.locator("#seen img").first.wait_for(timeout=15_000)
+    assert page.locator("#seen img").count() == 1
+    page.get_by_text("context used:").first.wait_for(timeout=15_000)
     page.screenshot(path=str(tmp_path / "ui-stopped.png"), full_page=True)
 
     page.locator("#regenerate").click()
