@@ -229,18 +229,31 @@ def cmd_ui(argv: list[str]) -> int:
         default=MAX_IMAGE_BYTES / 2**20,
         help="larger uploaded files are refused (default: the API's per-image limit)",
     )
+    p.add_argument(
+        "--chats-dir",
+        default=None,
+        metavar="DIR",
+        help="where chats are saved, one JSON file each, and reopened from (default: ~/.cache/mllm/chats, or "
+        "$MLLM_CACHE/chats)",
+    )
     args = p.parse_args(argv)
     auth = _login(args.auth)
     if not 0 < args.max_upload_mb < float("inf"):  # nan and inf too
         raise UsageError("mllm ui: need a finite --max-upload-mb > 0")
     # Checked before Gradio is imported and the model loaded: a typo fails at once.
+    from app.chat_store import ChatStore
+    from app.scheduling import ChatError
     from app.ui import build, export_shelf, launch, make_examples
     from mllm.llm import cache_root
 
+    try:  # an unusable folder fails before the model loads
+        store = ChatStore(args.chats_dir or cache_root() / "chats")
+    except ChatError as e:
+        raise UsageError(f"mllm ui: --chats-dir: {e}") from e
     engine = load_engine(args)
     work = cache_root() / "ui"
     exports = export_shelf()
-    demo = build(engine, make_examples(work / "examples"), exports=exports)
+    demo = build(engine, make_examples(work / "examples"), exports=exports, store=store)
     _warn_if_open("mllm ui", args.host, "--auth", auth is not None)
     print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
     # A service manager stops the server with SIGTERM: leave through `finally` then, as on Ctrl-C, so the exports go.

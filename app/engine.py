@@ -239,6 +239,33 @@ class ChatEngine:
             session.system = system
             session.messages = ([{"role": "system", "content": system}] if system else []) + rest
 
+    def snapshot(self, conv_id: str) -> tuple[str | None, list[tuple[str, list, str | None]]]:
+        """The conversation as it can be saved: its system prompt and (text, images as the model saw them, reply)
+        per exchange; nothing for one this engine does not hold."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is None:
+                return None, []
+            return conv.session.system, [(text, list(images), reply) for text, images, _, reply in exchanges(conv)]
+
+    def restore(self, system: str | None, turns: list, sources: list | None = None) -> str:
+        """A new conversation holding `turns` ((text, images, reply) per exchange, as `snapshot` gives them) after
+        `system`; its images are encoded now, and its next turn prefills the history once. `sources`: what the
+        caller shows for each image (default: the images). Returns its id."""
+        turns = [turn for turn in turns if turn[2] is not None]  # a reply never started is not history
+        messages = [{"role": "system", "content": system}] if system else []
+        images = []
+        for text, pictures, reply in turns:
+            content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+            images += pictures
+        self._check_image_count(len(images))
+        conv_id = self.new_conversation(system)
+        with self._reserved(conv_id) as conv, _user_errors():
+            self.batcher.run(conv.session.restore, messages, images)  # the image encode runs on the model thread
+            conv.sources = list(sources) if sources is not None else list(images)
+        return conv_id
+
     def seen(self, conv_id: str) -> dict:
         """What the model saw of the conversation: `images`, each as the tower received it (resized and padded or
         cropped to its input size, before normalisation), `tokens_per_image`, and `context_tokens` of

@@ -237,7 +237,8 @@ def test_the_models_view_shows_each_image_as_the_tower_got_it_and_the_context_us
     image = tmp_path / "wide.png"
     Image.new("RGB", (64, 16), (220, 30, 30)).save(image)
     conv = _chat(handlers, files=[str(image)])
-    stop, gallery, usage = handlers["idle"](conv)
+    stop, gallery, usage, saved, _ = handlers["idle"](conv)
+    assert saved is None  # no store: nothing saved
     assert stop == gr.update(interactive=False)
     size = engine.model.processor.image_processor.image_size
     ((shown, caption),) = gallery
