@@ -100,3 +100,30 @@ def test_bad_logprobs_and_n_are_400_naming_them(served, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as error:
         ask(served[1], **kwargs)
     assert error.value.body["param"] == param and words in error.value.body["message"]
+
+
+def test_a_client_gone_mid_stream_stops_every_choice(served):
+    """Hanging up on a streamed n=3 reply stops its three replies, so their places free at once: the n=4 request
+    after it (four places in all) is answered in a few steps, where three choices decoding on would hold three
+    places for 400 slowed steps (12 s)."""
+    import time
+
+    import httpx
+
+    model, client = served
+    if model.backend.name == "llamacpp":
+        pytest.skip("the slowing hook needs the decode to run torch's forward")
+    hook = model.llm.register_forward_hook(lambda *_: time.sleep(0.03))
+    try:
+        url = str(client.base_url).rstrip("/")
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 400, "n": 3, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            assert next(r.iter_lines()).startswith("data: ")  # one event, then hang up
+        started = time.monotonic()
+        reply = ask(client, n=4, extra_body={"ignore_eos": True})
+        elapsed = time.monotonic() - started
+    finally:
+        hook.remove()
+    assert [c.finish_reason for c in reply.choices] == ["length"] * 4
+    assert elapsed < 5, elapsed
