@@ -131,8 +131,15 @@ async def collect(completions: list[Completion], http: Request) -> list[str]:
         for completion in completions:
             completion.cancel()
 
+    errors: list[Exception] = []
+
     async def read(k: int) -> None:
-        texts[k] = await completions[k].text()
+        try:
+            texts[k] = await completions[k].text()
+        except Exception as e:  # noqa: BLE001 - raised below as itself (a task group would wrap it), the others stop
+            errors.append(e)
+            for completion in completions:
+                completion.cancel()
 
     async with anyio.create_task_group() as outer:
         outer.start_soon(watch)
@@ -140,6 +147,8 @@ async def collect(completions: list[Completion], http: Request) -> list[str]:
             for k in range(len(completions)):
                 readers.start_soon(read, k)
         outer.cancel_scope.cancel()
+    if errors:  # the error handlers turn it into its status (a full queue: 503, a bad image: 400)
+        raise errors[0]
     return texts
 
 

@@ -29,7 +29,7 @@ from app.scheduling import Admission, ChatError, FairLock, Stream
 from mllm.batching import Batcher
 from mllm.constrained import Grammar
 from mllm.errors import MLLMError
-from mllm.generation import GenerationConfig, Reply
+from mllm.generation import GenerationConfig, Reply, prefill_chunks
 from mllm.image_processing import load_image
 from mllm.llm import logical_parameters
 from mllm.session import ChatSession, image_count, text_of
@@ -386,10 +386,14 @@ class ChatEngine:
                 "of the messages or max_tokens",
                 "context_length_exceeded",
             )
+        # Several choices share the prompt's prefill: the first to start puts its KV in the prefix cache.
+        share = threading.Lock() if len(gens) > 1 and self.prefix_cache is not None else None
         streams = []
         try:
             for gen in gens:
                 start = partial(self._generate, encoded, gen)  # called with the Stream
+                if share is not None:
+                    start = partial(start, share=share)
                 stream = Stream(
                     self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors
                 )
@@ -401,12 +405,16 @@ class ChatEngine:
             raise
         return streams
 
-    def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
+    def _generate(self, encoded, gen: GenerationConfig, stream: Stream, share=None) -> Iterator[str]:
         """The reply to `encoded`, prefilling only what no earlier request's KV holds and encoding only unseen
-        images. The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text."""
+        images. The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text.
+        `share`: the lock of a request's choices, the first of which prefills the prompt for all (`_share_prompt`)."""
         model = self.model
         hashes = [image_hash(image) for image in encoded.images]
         key = prefix_key(encoded, model.image_token_id, hashes)
+        if share is not None:
+            with share:
+                self.batcher.run(self._share_prompt, encoded, key, hashes)
         # The cache copy and the image encode run on the model thread (their kernels too: one OpenMP team).
         cache, reused = self.batcher.run(self.prefix_cache.lookup, key) if self.prefix_cache is not None else (None, 0)
         cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)  # whole images in it
@@ -430,6 +438,21 @@ class ChatEngine:
             self._count(len(answer.ids))
             if self.prefix_cache is not None:  # the prompt and the reply, as far as the cache holds them
                 self.prefix_cache.store((key + tuple(answer.ids))[: answer.cache.get_seq_length()], answer.cache)
+
+    @torch.inference_mode()
+    def _share_prompt(self, encoded, key: tuple, hashes: list[str]) -> None:
+        """On the model thread: the prompt's KV but for its last position (each reply prefills that one for its
+        logits) into the prefix cache, unless it is there already, so the choices copy it instead of each
+        prefilling the prompt."""
+        if self.prefix_cache.covered(key) >= len(key) - 1:
+            return
+        cache, reused = self.prefix_cache.lookup(key)
+        cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)
+        features = self.feature_cache.features(self.model, encoded, hashes, first=cached_images)
+        cache = cache if cache is not None else self.model.backend.new_cache()
+        for chunk in prefill_chunks(self.model, encoded.input_ids[reused:-1], features):  # (1, <=C, D)
+            self.model.backend.prefill([cache], [chunk[0]])
+        self.prefix_cache.store(key[:-1], cache)
 
     def _tokens_per_s(self) -> float:
         since = time.monotonic() - 60

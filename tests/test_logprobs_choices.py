@@ -28,11 +28,13 @@ def served(request, tiny_config, tmp_path_factory):
         model = load_model(str(directory), device="cpu")
     engine = ChatEngine(model, name="tiny", max_concurrency=4, gen=GenerationConfig(max_new_tokens=8))
     with serving(create_app(engine)) as url:
-        yield model, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        client.engine = engine  # for the tests that read its counters
+        yield model, client
 
 
-def ask(client, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, **kwargs)
+def ask(client, messages=MESSAGES, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, **kwargs)
 
 
 def test_logprobs_are_the_models_own_and_name_the_tokens(served):
@@ -68,6 +70,15 @@ def test_logprobs_are_the_models_own_and_name_the_tokens(served):
 def test_n_choices_are_each_their_own_reproducible_reply(served):
     _, client = served
     sampled = {"temperature": 1.5, "seed": 11, "extra_body": {"ignore_eos": True}}
+    before = client.engine.info()
+    fresh = [{"role": "user", "content": "a prompt no request sent before"}]  # nothing of it in the prefix cache
+    three = ask(client, fresh, n=3, **sampled)
+    after = client.engine.info()
+    # The prompt was prefilled once: each choice copied all of it but the last position from the prefix cache (the
+    # one prefill may itself have reused the template's opening from an earlier request's entry).
+    shared = after["prefix_cache_reused_tokens"] - before["prefix_cache_reused_tokens"]
+    prompt = three.usage.prompt_tokens
+    assert 3 * (prompt - 1) <= shared < 3 * (prompt - 1) + prompt
     three = ask(client, n=3, **sampled)
     assert [c.index for c in three.choices] == [0, 1, 2]
     texts = [c.message.content for c in three.choices]
