@@ -96,7 +96,7 @@ class Constraint:
         if not allowed.any():  # a dead end (or a resource limit hit): nothing could be sampled
             raise GrammarError(f"the grammar allows no next token: {self.matcher.get_error() or 'a dead end'}")
         width = min(self.vocab, scores.shape[-1])
-        scores[0, :width].masked_fill_(~allowed[:width], float("-inf"))
+        scores[0, :width].masked_fill_(~allowed[:width].to(scores.device, non_blocking=True), float("-inf"))
         scores[0, width:] = float("-inf")  # rows past the tokenizer's vocabulary (padding) are never text
         return scores
 
