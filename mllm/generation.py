@@ -111,7 +111,8 @@ class Sequence:
         self.logits = self.model.backend.prefill([self.cache], [embeds[0]])  # (1, V)
 
     def sample(self) -> int | None:
-        """The next token from `logits`, or None when the reply is over (a stop token, or no budget left)."""
+        """The next token from `logits`, or None when the reply is over (a stop token, no budget left, or the
+        grammar's document complete). With a grammar, only the tokens it allows next can be sampled."""
         if self.remaining <= 0 or (self.constraint is not None and self.constraint.finished):
             return None
         scores = self.logits.float()  # (1, V)
