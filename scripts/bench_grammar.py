@@ -4,7 +4,8 @@ Loads the default model (its decode backend: llama.cpp on a CPU), decodes a JSON
 llguidance (mllm's engine, `mllm.constrained`) and times the decode step alone; then replays the same tokens
 through each library's matcher, timing what it adds to a step (the mask of the next allowed tokens, applying it
 to the logits, and advancing by the sampled token), and its compile time for the schema. Prints one line per
-library: compile ms, mask+advance ms per token, and that as a share of a decode step.
+library: compile ms, mask+advance ms per token, and that as a share of a decode step. xgrammar and outlines-core
+are only compared here (`pip install xgrammar outlines-core`); a missing one is skipped with a line saying so.
 
     .venv/bin/python scripts/bench_grammar.py [--tokens 96] [--repeats 3]
 """
@@ -134,7 +135,11 @@ def main() -> None:
     )
     vocab = len(processor.tokenizer)
     for name, run in (("llguidance", llguidance_run), ("xgrammar", xgrammar_run), ("outlines-core", outlines_run)):
-        runs = [run(processor.tokenizer, stops, tokens, vocab) for _ in range(args.repeats)]
+        try:
+            runs = [run(processor.tokenizer, stops, tokens, vocab) for _ in range(args.repeats)]
+        except ImportError:  # the two compared against are not mllm's dependencies
+            print(f"{name:14s} not installed: .venv/bin/pip install {name} to compare it")
+            continue
         compiled = statistics.median(r[0] for r in runs)
         per_token = statistics.median(r[1] for r in runs)
         print(
