@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API over ChatEngine: `POST /v1/chat/completions` (SSE streaming), `GET /v1/models`.
+"""OpenAI-compatible HTTP API over ChatEngine: `POST /v1/chat/completions` (SSE streaming), `GET /v1/models`; the
+Ollama-compatible routes under /api/ (app.ollama_api) on the same engine, behind the same key check and body limit.
 
 Images come as base64 `data:` URIs, or as local paths / `file://` URLs inside `--allowed-image-dir`.
 Remote http(s) URLs are refused: fetching them would make this server reach wherever a client
@@ -22,13 +23,16 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from app.api_request import APIError, error_response, gen_config, parse_request, to_messages
-from app.api_stream import Completion
+from app.api_request import APIError, error_response, gen_configs, parse_request, response_grammar, to_messages
+from app.api_stream import CancellingStreamingResponse, ChatReply, Completion
 from app.engine import ChatEngine
+from app.metrics import Metrics, RequestCounter
+from app.ollama_api import ollama_router
 from app.scheduling import ChatError
 
 MAX_BODY_BYTES = 64 * 2**20  # a request with a few large base64 images fits; a runaway one does not
@@ -50,12 +54,30 @@ HEALTH_FIELDS = (
 )
 
 
+# The routes counted by name in /metrics (any other path is counted as "other").
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/api/chat",
+    "/api/generate",
+    "/api/tags",
+    "/api/show",
+    "/api/ps",
+    "/api/version",
+)
+
+
 def create_app(
     engine: ChatEngine,
     api_key: str | None = None,
     allowed_image_dir: str | Path | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: tuple[str, ...] | list[str] = (),
 ) -> FastAPI:
+    """The server's app. `cors_origins`: the browser origins (`https://app.example`) whose pages may call it; none
+    by default, so a web page a user visits cannot make their browser talk to a local server."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; pass a non-empty key, or none to serve without one")
     allowed_dir = Path(allowed_image_dir).resolve() if allowed_image_dir is not None else None
@@ -65,10 +87,20 @@ def create_app(
     created = int(time.time())
 
     app = FastAPI(title="mllm", docs_url=None, redoc_url=None)
-    # The last middleware added runs first: the key is checked before a byte of the body is read.
+    metrics = Metrics(engine, ROUTES)
+    # The last middleware added runs first: the key is checked before a byte of the body is read, and CORS answers
+    # a browser's preflight (which carries no key) before the key check, adding its headers to every reply.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=api_key, open_paths=("/health",))
+    app.add_middleware(RequestCounter, metrics=metrics)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     v1 = APIRouter(prefix="/v1")
     card = {"id": engine.model_id, "object": "model", "created": created, "owned_by": "mllm"}
 
@@ -84,24 +116,36 @@ def create_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(http: Request):
+        arrived = time.perf_counter()
         # Parsed and checked off the event loop: a body near the size limit takes a while to parse.
         request = await anyio.to_thread.run_sync(parse_request, await http.body())
         if request.model not in (engine.model_id, engine.name):
             message = f"the model {request.model!r} does not exist; this server serves {engine.model_id!r}"
             raise APIError(404, message, "model", "model_not_found")
         messages = to_messages(request, allowed_dir)
+        # Off the event loop: the first grammar builds the tokenizer's index (~1 s), a large schema compiles a while.
+        grammar = await anyio.to_thread.run_sync(response_grammar, request.response_format, engine.json_grammar)
         try:
-            gen = gen_config(request, engine.gen)
+            gens = gen_configs(request, engine.gen, grammar)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        # complete() checks the request (images, length, queue) before anything streams.
+        if request.n > engine.max_concurrency:
+            message = f"n={request.n}: this server decodes at most {engine.max_concurrency} replies at once; lower n"
+            raise APIError(400, message, "n", "invalid_request")
+        # complete_many() checks the request (images, length, queue) before anything streams.
         exact = (request.max_completion_tokens or request.max_tokens) is not None
-        complete = partial(engine.complete, messages, gen, exact_max_tokens=exact)
-        stream = await anyio.to_thread.run_sync(complete, limiter=limiter)
-        completion = Completion(stream, request, engine.model_id, limiter)
+        complete = partial(engine.complete_many, messages, gens, exact_max_tokens=exact)
+        streams = await anyio.to_thread.run_sync(complete, limiter=limiter)
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        decode = engine.model.processor.decode
+        choices = [
+            Completion(s, limiter, stops, metrics.reply_done, arrived, logprobs=g.logprobs, decode=decode)
+            for s, g in zip(streams, gens, strict=True)
+        ]
+        reply = ChatReply(choices, request, engine.model_id)
         if request.stream:
-            return CancellingStreamingResponse(completion.sse(), completion.cancel, media_type="text/event-stream")
-        return await completion.response(http)
+            return CancellingStreamingResponse(reply.sse(), reply.cancel, media_type="text/event-stream")
+        return await reply.response(http)
 
     app.include_router(v1)
 
@@ -113,31 +157,45 @@ def create_app(
             return {"status": "ok"}
         return {"status": "ok", **{k: v for k, v in engine.info().items() if k in HEALTH_FIELDS}}
 
+    app.include_router(ollama_router(engine, limiter, created, on_done=metrics.reply_done))
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code)
+    async def api_error(http: Request, e: APIError):
+        return shaped_error(http.url.path, e.status, e.message, e.param, e.code)
 
     @app.exception_handler(ChatError)
-    async def chat_error(_, e: ChatError):
+    async def chat_error(http: Request, e: ChatError):
         if e.code == "overloaded":
-            return error_response(503, str(e), None, e.code, headers={"Retry-After": "1"})
-        return error_response(400, str(e), "messages", e.code)
+            return shaped_error(http.url.path, 503, str(e), None, e.code, headers={"Retry-After": "1"})
+        return shaped_error(http.url.path, 400, str(e), "messages", e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def schema_error(_, e: RequestValidationError):
+    async def schema_error(http: Request, e: RequestValidationError):
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return error_response(400, f"{param or 'request'}: {first['msg']}", param, "invalid_request")
+        return shaped_error(http.url.path, 400, f"{param or 'request'}: {first['msg']}", param, "invalid_request")
 
     @app.exception_handler(Exception)
-    async def server_error(_, e: Exception):
-        return error_response(500, f"internal error ({type(e).__name__}: {e}); see the server log")
+    async def server_error(http: Request, e: Exception):
+        return shaped_error(http.url.path, 500, f"internal error ({type(e).__name__}: {e}); see the server log")
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), None, None)
+    async def http_error(http: Request, e: HTTPException):
+        return shaped_error(http.url.path, e.status_code, str(e.detail), None, None)
 
     return app
+
+
+def shaped_error(path: str, status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    """An error in the shape its route's clients read: Ollama's `{"error": "..."}` under /api/, OpenAI's elsewhere."""
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, message, param, code, headers=headers)
 
 
 def key_matches(headers, api_key: str) -> bool:
@@ -158,7 +216,7 @@ class APIKeyAuth:
             return await self.app(scope, receive, send)
         if not key_matches(Headers(scope=scope), self.api_key):
             message = "missing or wrong API key; send 'Authorization: Bearer <key>'"
-            return await error_response(401, message, None, "invalid_api_key")(scope, receive, send)
+            return await shaped_error(scope["path"], 401, message, None, "invalid_api_key")(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -197,35 +255,14 @@ class BodyLimit:
 
     async def _refuse(self, scope, receive, send):
         mib = self.max_bytes / 2**20
-        response = error_response(
-            413, f"the request body is over {mib:g} MiB; send fewer or smaller images", None, "request_too_large"
+        response = shaped_error(
+            scope["path"],
+            413,
+            f"the request body is over {mib:g} MiB; send fewer or smaller images",
+            None,
+            "request_too_large",
         )
         await response(scope, receive, send)
-
-
-class CancellingStreamingResponse(StreamingResponse):
-    """A streaming reply that tells the engine when its client goes away (`on_disconnect`), wherever the reply
-    is: waiting in the queue, prefilling or decoding. Starlette's own listener only stops sending; the worker
-    thread waiting for a queue place would still be admitted and prefilled."""
-
-    def __init__(self, content, on_disconnect, **kwargs):
-        super().__init__(content, **kwargs)
-        self.on_disconnect = on_disconnect
-
-    async def __call__(self, scope, receive, send):
-        async with anyio.create_task_group() as group:
-
-            async def listen() -> None:
-                await self.listen_for_disconnect(receive)
-                self.on_disconnect()
-                group.cancel_scope.cancel()
-
-            group.start_soon(listen)
-            try:
-                await self.stream_response(send)
-            except OSError:  # the client went away mid-send
-                self.on_disconnect()
-            group.cancel_scope.cancel()
 
 
 @contextmanager

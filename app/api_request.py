@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -18,7 +19,10 @@ from urllib.parse import unquote, urlsplit
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mllm.constrained import Grammar
+from mllm.errors import GrammarError
 from mllm.generation import GenerationConfig
+from mllm.logprobs import MAX_TOP_LOGPROBS, LogprobRecord
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -51,6 +55,7 @@ MAX_IMAGE_PARTS = 64  # counted before any is decoded; the model's own limit (ma
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_TOKENS = 1_000_000  # a reply also stops at the context length
+MAX_CHOICES = 8  # `n`: each choice takes a place in the batch
 
 
 class ContentPart(BaseModel):
@@ -75,6 +80,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """OpenAI requires a name (letters, digits, _ and -, up to 64); it labels the schema and nothing else."""
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    """True: a schema keyword the grammar cannot enforce is a 400. False / unset: such a keyword is ignored."""
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # refused by name in `check_parameters`, not by pydantic
     model: str
@@ -87,7 +107,11 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices: each its own reply, decoded side by side; with a seed, choice k samples with seed + k."""
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM's extra sampling parameter (OpenAI clients send it in extra_body): the reply runs to max_tokens
     # whatever the model writes, so load benchmarks compare equal lengths.
     ignore_eos: bool = False
@@ -108,18 +132,11 @@ def _unset(value) -> bool:
 # OpenAI parameters this server does not implement: (is the value a no-op?, why it is refused and the fix).
 # A client that asks for one of them gets a 400 naming it, never an answer that silently ignored it.
 NOT_IMPLEMENTED: dict[str, tuple] = {
-    "response_format": (
-        lambda v: v is None or v == {"type": "text"},
-        "structured output (json_object / json_schema) is not supported yet; ask for JSON in the prompt and "
-        "parse the text, or leave response_format out",
-    ),
     "tools": (_unset, "tool calling is not supported by this server; leave tools out"),
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported by this server; leave it out"),
     "functions": (_unset, "function calling is not supported by this server; leave functions out"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported; leave it out"),
     "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "tool calling is not supported"),
-    "logprobs": (_unset, "log probabilities are not returned by this server; leave logprobs out"),
-    "top_logprobs": (_unset, "log probabilities are not returned by this server; leave top_logprobs out"),
     "logit_bias": (_unset, "logit_bias is not supported by this server; leave it out"),
     "presence_penalty": (_unset, "presence_penalty is not supported by this server; leave it out or send 0"),
     "frequency_penalty": (_unset, "frequency_penalty is not supported by this server; leave it out or send 0"),
@@ -148,8 +165,10 @@ def check_parameters(request: ChatRequest) -> None:
     if request.stream_options is not None and not request.stream:
         message = "stream_options is only allowed when stream is true; set stream: true or leave stream_options out"
         raise APIError(400, message, "stream_options", "invalid_request")
-    if request.n != 1:
-        raise APIError(400, f"n={request.n}: this server returns one choice per request; use n=1", "n")
+    check_response_format(request.response_format)
+    if request.top_logprobs is not None and not request.logprobs:
+        message = "top_logprobs needs logprobs: true; send both, or leave top_logprobs out"
+        raise APIError(400, message, "top_logprobs", "invalid_request")
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stops) > MAX_STOP_SEQUENCES:
         message = f"{len(stops)} stop sequences; send at most {MAX_STOP_SEQUENCES}, as OpenAI allows"
@@ -185,6 +204,20 @@ def check_parameters(request: ChatRequest) -> None:
     if images > MAX_IMAGE_PARTS:
         message = f"the messages hold {images} images; the limit is {MAX_IMAGE_PARTS}: send fewer"
         raise APIError(400, message, "messages", "too_many_images")
+
+
+def check_response_format(fmt: ResponseFormat | None) -> None:
+    if fmt is None:
+        return
+    if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+        message = (
+            "response_format.json_schema.schema is required with type json_schema: send "
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}, or use type json_object'
+        )
+        raise APIError(400, message, "response_format.json_schema", "invalid_request")
+    if fmt.type != "json_schema" and fmt.json_schema is not None:
+        message = f"response_format.json_schema is only read with type json_schema, not {fmt.type!r}; remove it"
+        raise APIError(400, message, "response_format.json_schema", "invalid_request")
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -287,7 +320,39 @@ def to_messages(request: ChatRequest, allowed_dir: Path | None) -> list[dict]:
     return out
 
 
-def gen_config(request: ChatRequest, default: GenerationConfig) -> GenerationConfig:
+def response_grammar(fmt: ResponseFormat | None, json_grammar) -> Grammar | None:
+    """`response_format` -> the grammar the reply is held to (None for free text); `json_grammar(schema, strict)`
+    compiles one for the served model (`ChatEngine.json_grammar`). A schema that cannot be used is a 400 naming
+    the problem."""
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    strict = bool(fmt.json_schema.strict) if fmt.type == "json_schema" else True
+    try:
+        return json_grammar(schema, strict)
+    except GrammarError as e:
+        raise APIError(
+            400, f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema", e.code
+        ) from e
+
+
+def gen_configs(
+    request: ChatRequest, default: GenerationConfig, grammar: Grammar | None = None
+) -> list[GenerationConfig]:
+    """One config per choice (`n`): choice k samples with `seed + k` (reproducible, and the choices differ), and
+    records its own log probabilities when asked."""
+    gen = gen_config(request, default, grammar)
+    return [
+        replace(
+            gen,
+            seed=None if gen.seed is None else gen.seed + k,
+            logprobs=LogprobRecord(request.top_logprobs or 0) if request.logprobs else None,
+        )
+        for k in range(request.n)
+    ]
+
+
+def gen_config(request: ChatRequest, default: GenerationConfig, grammar: Grammar | None = None) -> GenerationConfig:
     max_tokens = request.max_completion_tokens or request.max_tokens or default.max_new_tokens
     temperature = default.temperature if request.temperature is None else request.temperature
     top_p = default.top_p if request.top_p is None else request.top_p
@@ -297,4 +362,5 @@ def gen_config(request: ChatRequest, default: GenerationConfig) -> GenerationCon
         top_p=top_p,
         seed=request.seed,
         ignore_eos=request.ignore_eos,
+        constraint=grammar,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -253,18 +254,31 @@ def cmd_ui(argv: list[str]) -> int:
         default=MAX_IMAGE_BYTES / 2**20,
         help="larger uploaded files are refused (default: the API's per-image limit)",
     )
+    p.add_argument(
+        "--chats-dir",
+        default=None,
+        metavar="DIR",
+        help="where chats are saved, one JSON file each, and reopened from (default: ~/.cache/mllm/chats, or "
+        "$MLLM_CACHE/chats)",
+    )
     args = p.parse_args(argv)
     auth = _login(args.auth)
     if not 0 < args.max_upload_mb < float("inf"):  # nan and inf too
         raise UsageError("mllm ui: need a finite --max-upload-mb > 0")
     # Checked before Gradio is imported and the model loaded: a typo fails at once.
+    from app.chat_store import ChatStore
+    from app.scheduling import ChatError
     from app.ui import build, export_shelf, launch, make_examples
     from mllm.llm import cache_root
 
+    try:  # an unusable folder fails before the model loads
+        store = ChatStore(args.chats_dir or cache_root() / "chats")
+    except ChatError as e:
+        raise UsageError(f"mllm ui: --chats-dir: {e}") from e
     engine = load_engine(args)
     work = cache_root() / "ui"
     exports = export_shelf()
-    demo = build(engine, make_examples(work / "examples"), exports=exports)
+    demo = build(engine, make_examples(work / "examples"), exports=exports, store=store)
     _warn_if_open("mllm ui", args.host, "--auth", auth is not None)
     print(f"mllm ui: open http://{args.host}:{args.port} in your browser (Ctrl-C stops)", flush=True)
     # A service manager stops the server with SIGTERM: leave through `finally` then, as on Ctrl-C, so the exports go.
@@ -297,7 +311,9 @@ def _warn_if_open(prog: str, host: str, flag: str, protected: bool) -> None:
 
 
 def cmd_api(argv: list[str]) -> int:
-    p = Parser(prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API.")
+    p = Parser(
+        prog="mllm api", description="Serve the model over an OpenAI-compatible HTTP API (and Ollama's, under /api)."
+    )
     add_model_args(p)
     add_server_args(p, port=8000)
     p.add_argument("--api-key", default=os.environ.get("MLLM_API_KEY"), help="require this bearer token")
@@ -317,9 +333,19 @@ def cmd_api(argv: list[str]) -> int:
         help="int4: batches of 8+ replies stay on the int4 kernel, each reply bit for bit what it would be alone "
         "(default: bf16 products there, 1.7x faster steps, replies may differ where two tokens nearly tie)",
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API from a browser; repeatable; none by default",
+    )
     args = p.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():  # an empty bearer token would be the key
         raise UsageError("mllm api: --api-key (or MLLM_API_KEY) must not be empty")
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(f"mllm api: --cors-origin {origin!r} is not an origin; give scheme://host[:port], no path")
     if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
         raise UsageError(f"mllm api: --allowed-image-dir {args.allowed_image_dir} is not a directory")
     if args.max_concurrency < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mib < 0:
@@ -342,6 +368,7 @@ def cmd_api(argv: list[str]) -> int:
         api_key=args.api_key,
         allowed_image_dir=args.allowed_image_dir,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        cors_origins=args.cors_origin,
     )
     _warn_if_open("mllm api", args.host, "--api-key", args.api_key is not None)
     print(f"mllm api: serving {engine.model_id!r} at http://{args.host}:{args.port}/v1", flush=True)

@@ -27,9 +27,11 @@ from app.conversation import RESERVED, Conversation, Turn, exchanges, rollback, 
 from app.prefix_cache import FeatureCache, PrefixCache, image_hash, prefix_key
 from app.scheduling import Admission, ChatError, FairLock, Stream
 from mllm.batching import Batcher
+from mllm.constrained import Grammar
 from mllm.errors import MLLMError
-from mllm.generation import GenerationConfig, Reply
+from mllm.generation import GenerationConfig, Reply, prefill_chunks
 from mllm.image_processing import load_image
+from mllm.llm import logical_parameters
 from mllm.session import ChatSession, image_count, text_of
 
 # Large images decoding at once across all requests. Each may briefly hold its decoded image and one
@@ -109,6 +111,8 @@ class ChatEngine:
         self._encode_lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        towers = itertools.chain(model.vision.parameters(), model.connector.parameters())
+        self._parameters = sum(p.numel() for p in towers) + logical_parameters(model.llm)
 
     @classmethod
     def load(
@@ -220,6 +224,65 @@ class ChatEngine:
             conv = self._conversations.get(conv_id)
         return [] if conv is None else [Turn(t, sources, reply) for t, _, sources, reply in exchanges(conv)]
 
+    def set_system(self, conv_id: str, system: str | None) -> None:
+        """The conversation's system prompt from its next turn on (None or blank: none). The history is kept; the
+        next turn re-prefills it (a changed first message changes every position after it)."""
+        system = system if system and system.strip() else None
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is None or conv.session.system == system:
+                return
+        with self._reserved(conv_id, create=False) as conv:
+            session = conv.session
+            has_system = bool(session.messages) and session.messages[0]["role"] == "system"
+            rest = session.messages[1:] if has_system else session.messages
+            session.system = system
+            session.messages = ([{"role": "system", "content": system}] if system else []) + rest
+
+    def snapshot(self, conv_id: str) -> tuple[str | None, list[tuple[str, list, str | None]]]:
+        """The conversation as it can be saved: its system prompt and (text, images as the model saw them, reply)
+        per exchange; nothing for one this engine does not hold."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is None:
+                return None, []
+            return conv.session.system, [(text, list(images), reply) for text, images, _, reply in exchanges(conv)]
+
+    def restore(self, system: str | None, turns: list, sources: list | None = None) -> str:
+        """A new conversation holding `turns` ((text, images, reply) per exchange, as `snapshot` gives them) after
+        `system`; its images are encoded now, and its next turn prefills the history once. `sources`: what the
+        caller shows for each image (default: the images). Returns its id."""
+        turns = [turn for turn in turns if turn[2] is not None]  # a reply never started is not history
+        messages = [{"role": "system", "content": system}] if system else []
+        images = []
+        for text, pictures, reply in turns:
+            content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+            images += pictures
+        self._check_image_count(len(images))
+        conv_id = self.new_conversation(system)
+        with self._reserved(conv_id) as conv, _user_errors():
+            self.batcher.run(conv.session.restore, messages, images)  # the image encode runs on the model thread
+            conv.sources = list(sources) if sources is not None else list(images)
+        return conv_id
+
+    def seen(self, conv_id: str) -> dict:
+        """What the model saw of the conversation: `images`, each as the tower received it (resized and padded or
+        cropped to its input size, before normalisation), `tokens_per_image`, and `context_tokens` of
+        `context_length` the conversation fills (its prompt as the next turn would send it)."""
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+        processor = self.model.processor
+        info = {"images": [], "tokens_per_image": self.model.tokens_per_image, "context_tokens": 0}
+        info["context_length"] = processor.max_length
+        if conv is None or not conv.session.messages:
+            return info
+        session = conv.session
+        info["images"] = list(session.images)
+        with _user_errors(), self._encode_lock:
+            info["context_tokens"] = len(processor.encode(session.messages, session.images, labels=False).input_ids)
+        return info
+
     # ---- turns ----------------------------------------------------------------------------------
     def stream(self, conv_id: str, text: str, images: list | None = None, gen=None, on_queue=None) -> Stream:
         """Ask in a conversation: `images` (paths, bytes, PIL) go before the text. Iterate the result."""
@@ -292,6 +355,14 @@ class ChatEngine:
         A reply stops at the context length. With `exact_max_tokens` (the client asked for a number of tokens)
         a prompt that leaves less room than `gen.max_new_tokens` is refused, as OpenAI refuses it.
         """
+        return self.complete_many(messages, [gen or self.gen], cancel, on_queue, exact_max_tokens)[0]
+
+    def complete_many(
+        self, messages: list[dict], gens: list[GenerationConfig], cancel=None, on_queue=None, exact_max_tokens=False
+    ) -> list[Stream]:
+        """`complete` once per config in `gens` (the API's `n` choices): the images are decoded and the prompt
+        encoded once, and each reply is its own Stream, decoding in the batch beside the others (the image
+        features are encoded once: the feature cache)."""
 
         def is_image(part) -> bool:
             return isinstance(part, dict) and part.get("type") == "image"
@@ -306,26 +377,44 @@ class ChatEngine:
                 content = message["content"]
                 message["content"] = [{"type": "image", "image": next(loaded)} if is_image(p) else p for p in content]
         encoded = self._encode(messages)
-        gen = gen or self.gen
         limit, prompt = self.model.processor.max_length, len(encoded.input_ids)
-        if exact_max_tokens and limit is not None and prompt + gen.max_new_tokens > limit:
+        wanted = max(gen.max_new_tokens for gen in gens)
+        if exact_max_tokens and limit is not None and prompt + wanted > limit:
             raise ChatError(
-                f"this model's maximum context length is {limit} tokens, but {prompt + gen.max_new_tokens} were "
-                f"requested ({prompt} in the messages, {gen.max_new_tokens} in the completion); reduce the length "
+                f"this model's maximum context length is {limit} tokens, but {prompt + wanted} were "
+                f"requested ({prompt} in the messages, {wanted} in the completion); reduce the length "
                 "of the messages or max_tokens",
                 "context_length_exceeded",
             )
-        start = partial(self._generate, encoded, gen)  # called with the Stream
-        stream = Stream(self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors)
-        stream.prompt_tokens = len(encoded.input_ids)
-        return stream
+        # Several choices share the prompt's prefill: the first to start puts its KV in the prefix cache.
+        share = threading.Lock() if len(gens) > 1 and self.prefix_cache is not None else None
+        streams = []
+        try:
+            for gen in gens:
+                start = partial(self._generate, encoded, gen)  # called with the Stream
+                if share is not None:
+                    start = partial(start, share=share)
+                stream = Stream(
+                    self._admission, self._model_lock, start, cancel=cancel, on_queue=on_queue, guard=_user_errors
+                )
+                stream.prompt_tokens = len(encoded.input_ids)
+                streams.append(stream)
+        except BaseException:  # a full queue: the places already taken go back
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
 
-    def _generate(self, encoded, gen: GenerationConfig, stream: Stream) -> Iterator[str]:
+    def _generate(self, encoded, gen: GenerationConfig, stream: Stream, share=None) -> Iterator[str]:
         """The reply to `encoded`, prefilling only what no earlier request's KV holds and encoding only unseen
-        images. The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text."""
+        images. The API reports token counts and finish_reason, so the engine keeps the Reply, not just its text.
+        `share`: the lock of a request's choices, the first of which prefills the prompt for all (`_share_prompt`)."""
         model = self.model
         hashes = [image_hash(image) for image in encoded.images]
         key = prefix_key(encoded, model.image_token_id, hashes)
+        if share is not None:
+            with share:
+                self.batcher.run(self._share_prompt, encoded, key, hashes)
         # The cache copy and the image encode run on the model thread (their kernels too: one OpenMP team).
         cache, reused = self.batcher.run(self.prefix_cache.lookup, key) if self.prefix_cache is not None else (None, 0)
         cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)  # whole images in it
@@ -350,6 +439,21 @@ class ChatEngine:
             if self.prefix_cache is not None:  # the prompt and the reply, as far as the cache holds them
                 self.prefix_cache.store((key + tuple(answer.ids))[: answer.cache.get_seq_length()], answer.cache)
 
+    @torch.inference_mode()
+    def _share_prompt(self, encoded, key: tuple, hashes: list[str]) -> None:
+        """On the model thread: the prompt's KV but for its last position (each reply prefills that one for its
+        logits) into the prefix cache, unless it is there already, so the choices copy it instead of each
+        prefilling the prompt."""
+        if self.prefix_cache.covered(key) >= len(key) - 1:
+            return
+        cache, reused = self.prefix_cache.lookup(key)
+        cached_images = sum(1 for k in key[:reused] if isinstance(k, tuple) and k[1] == 0)
+        features = self.feature_cache.features(self.model, encoded, hashes, first=cached_images)
+        cache = cache if cache is not None else self.model.backend.new_cache()
+        for chunk in prefill_chunks(self.model, encoded.input_ids[reused:-1], features):  # (1, <=C, D)
+            self.model.backend.prefill([cache], [chunk[0]])
+        self.prefix_cache.store(key[:-1], cache)
+
     def _tokens_per_s(self) -> float:
         since = time.monotonic() - 60
         with self._lock:
@@ -362,6 +466,15 @@ class ChatEngine:
             self._finished.append((now, tokens))
             while self._finished and self._finished[0][0] < now - 60:
                 self._finished.popleft()
+
+    def json_grammar(self, schema: dict | None = None, strict: bool = True) -> Grammar:
+        """A grammar holding a reply to `schema` (a JSON Schema), or to any JSON object when None, for this model's
+        tokenizer (`mllm.constrained`); a GrammarError names what is wrong with the schema."""
+        processor = self.model.processor
+        stops = list(processor.stop_token_ids)
+        if schema is None:
+            return Grammar.json_object(processor.tokenizer, stops)
+        return Grammar.json_schema(processor.tokenizer, stops, schema, strict)
 
     # ---- request checks, off the model thread --------------------------------------------------
     def _check_image_count(self, n: int) -> None:
@@ -431,8 +544,8 @@ class ChatEngine:
             "quantization": cfg.llm.quantization,
             "backend": model.backend.name,
             "device": str(model.device),
-            # bitsandbytes packs 4-bit weights two to a byte, so this counts stored elements, not the original shapes.
-            "parameters": sum(p.numel() for p in model.parameters()),
+            # As the architectures define them, however the weights are stored (packed int4, GGUF in llama.cpp).
+            "parameters": self._parameters,
             "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "tokens_per_image": model.tokens_per_image,
             "max_images": model.processor.max_images,

@@ -92,6 +92,11 @@ class PrefixCache:
             self.reused_tokens += best_len
         return self.backend.copy(pooled, best_len), best_len
 
+    def covered(self, key: tuple) -> int:
+        """How many of `key`'s positions `lookup` would reuse at most (nothing copied, nothing counted)."""
+        with self._lock:
+            return max((_common_prefix(k, key, limit=len(key) - 1) for k in self._entries), default=0)
+
     def store(self, key: tuple, cache) -> None:
         """Keep `cache` (it holds exactly `key`'s positions) for later requests, evicting the least recently used
         entries to stay within the budget; one larger than the whole budget is not kept."""

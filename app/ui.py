@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from importlib import resources
@@ -24,6 +26,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from app.api_request import MAX_IMAGE_BYTES
+from app.chat_store import ChatStore
 from app.conversation import Exports, Turn
 from app.engine import ChatEngine
 from app.scheduling import ChatError
@@ -101,7 +104,13 @@ def export_shelf(keep: int = 3) -> Exports:
     return Exports(get_upload_folder(), keep=keep)
 
 
-def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Exports | None = None) -> gr.Blocks:
+def build(
+    engine: ChatEngine,
+    examples: list[dict] | None = None,
+    exports: Exports | None = None,
+    store: ChatStore | None = None,
+) -> gr.Blocks:
+    """`store`: where chats are saved after each reply and reopened from (`app.chat_store`); None saves nothing."""
     exports = exports or export_shelf()
 
     def gen_config(temperature, top_p, max_tokens) -> GenerationConfig:
@@ -135,18 +144,21 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
             gr.Warning(str(e))
         yield chat_messages(engine.history(conv)), gr.skip(), conv
 
-    def respond(message: dict, conv, temperature, top_p, max_tokens):
+    def respond(message: dict, conv, temperature, top_p, max_tokens, system: str = ""):
         if expired(conv):  # the message stays in the box and the old chat on screen
             yield gr.skip(), gr.skip(), conv
             return
-        conv = conv or engine.new_conversation()
+        if conv is None:
+            conv = engine.new_conversation(system=system.strip() or None)
+        else:
+            engine.set_system(conv, system)
         text, files = message.get("text", ""), list(message.get("files", []))
         gen = gen_config(temperature, top_p, max_tokens)
         start = partial(engine.stream, conv, text, files, gen, on_queue)
         empty = {"text": "", "files": []}
         yield from play(conv, start, engine.history(conv), Turn(text, files, ""), empty)
 
-    def regenerate(conv, temperature, top_p, max_tokens):
+    def regenerate(conv, temperature, top_p, max_tokens, system: str = ""):
         if expired(conv):
             yield gr.skip(), gr.skip(), conv
             return
@@ -155,8 +167,83 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
             gr.Warning("nothing to regenerate yet: ask something first")
             yield gr.skip(), gr.skip(), conv
             return
+        engine.set_system(conv, system)
         start = partial(engine.regenerate, conv, gen_config(temperature, top_p, max_tokens), on_queue)
         yield from play(conv, start, turns[:-1], Turn(turns[-1].text, turns[-1].images, ""), gr.skip())
+
+    def busy():
+        return gr.update(interactive=True)
+
+    def idle(conv, saved=None):
+        """After a reply: Stop greys out, the model's view of the conversation is brought up to date, and the chat
+        is saved (a new chat gets its file now)."""
+        if store is not None and conv and engine.has_conversation(conv):
+            system_prompt, turns = engine.snapshot(conv)
+            if turns:
+                saved = saved or uuid.uuid4().hex
+                try:
+                    store.save(saved, system_prompt, turns)
+                except OSError as e:
+                    gr.Warning(f"the chat could not be saved to {store.folder} ({e.strerror or e})")
+        return gr.update(interactive=False), *seen_view(conv), saved, saved_list(saved)
+
+    def saved_list(selected=None):
+        if store is None:
+            return gr.update(choices=[], value=None)
+        choices = [
+            (f"{chat.title} ({time.strftime('%b %d %H:%M', time.localtime(chat.updated))})", chat.id)
+            for chat in store.list()
+        ]
+        return gr.update(choices=choices, value=selected if selected in {c[1] for c in choices} else None)
+
+    def open_chat(chat_id, conv):
+        """The saved chat in place of the one on screen (which is saved already); its images as files to show."""
+        if store is None or not chat_id:
+            gr.Warning("choose a saved chat first")
+            return (gr.skip(),) * 6
+        try:
+            chat = store.load(chat_id)
+            folder = Path(get_upload_folder()) / "reopened" / chat_id
+            folder.mkdir(parents=True, exist_ok=True)
+            sources = []
+            for _, images, _ in chat.turns:
+                for image in images:
+                    sources.append(str(folder / f"{len(sources) + 1}.png"))
+                    image.save(sources[-1])
+            new = engine.restore(chat.system, chat.turns, sources)
+        except ChatError as e:
+            gr.Warning(str(e))
+            return (gr.skip(),) * 6
+        if conv:
+            engine.clear(conv)
+        return chat_messages(engine.history(new)), new, chat_id, chat.system or "", *seen_view(new)
+
+    def rename_chat(chat_id, title):
+        try:
+            store.rename(chat_id, title) if store is not None and chat_id else gr.Warning("choose a saved chat first")
+        except ChatError as e:
+            gr.Warning(str(e))
+        return saved_list(chat_id), ""
+
+    def delete_chat(chat_id, conv, saved):
+        """Delete the chosen saved chat; if it is the one on screen, the screen is cleared too."""
+        if store is None or not chat_id:
+            gr.Warning("choose a saved chat first")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        store.delete(chat_id)
+        if chat_id == saved:
+            if conv:
+                engine.clear(conv)
+            return saved_list(), [], None, None
+        return saved_list(saved), gr.skip(), gr.skip(), gr.skip()
+
+    def seen_view(conv) -> tuple[list, str]:
+        info = engine.seen(conv) if conv and engine.has_conversation(conv) else engine.seen("")
+        n, size = info["tokens_per_image"], engine.model.processor.image_processor.image_size
+        gallery = [(image, f"image {k + 1}: {size}x{size} px, {n} tokens") for k, image in enumerate(info["images"])]
+        limit = info["context_length"]
+        used = f"{info['context_tokens']:,} of {limit:,} tokens" if limit else f"{info['context_tokens']:,} tokens"
+        return gallery, f"{len(gallery)} image(s) in this chat, {n} tokens each; context used: {used}"
 
     def stop_reply(conv) -> None:
         if conv:
@@ -178,6 +265,9 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
             engine.clear(conv)
         return [], None, None  # no conversation until the next message: the engine creates it then
 
+    def cleared():
+        return *seen_view(None), None  # the next message starts a new saved chat
+
     def export(conv, request: gr.Request):
         if conv is None:  # asking the engine would create a conversation just to find it empty
             gr.Warning(NOTHING_TO_EXPORT)
@@ -198,6 +288,7 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
 
     with gr.Blocks(title="mllm: chat with images", analytics_enabled=False) as demo:
         conv = gr.State(None)
+        saved = gr.State(None)  # the id of the page's chat in `store`, once saved
         gr.Markdown("## mllm: chat with images\nAttach one or more images, ask, and watch the answer stream in.")
         with gr.Row():
             with gr.Column(scale=3):
@@ -210,28 +301,59 @@ def build(engine: ChatEngine, examples: list[dict] | None = None, exports: Expor
                     elem_id="box",
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    # Active only while a reply is being generated (`busy` / `idle`).
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
                     regen = gr.Button("Regenerate", elem_id="regenerate")
                     undo_btn = gr.Button("Undo / edit last", elem_id="undo")
                     clear_btn = gr.Button("Clear", elem_id="clear")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[box], label="Examples")
+                with gr.Accordion("What the model saw", open=False, elem_id="seen"):
+                    seen_usage = gr.Markdown(seen_view(None)[1], elem_id="seen-usage")
+                    seen = gr.Gallery(label="Each image as the vision tower received it", columns=4, height=240)
             with gr.Column(scale=1, min_width=340):
+                system = gr.Textbox(
+                    value="",
+                    label="System prompt",
+                    placeholder="Optional: how the assistant should answer. Applies from the next message on.",
+                    lines=2,
+                    elem_id="system",
+                )
                 temperature = gr.Slider(0, 2, value=engine.gen.temperature, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1, value=engine.gen.top_p, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, 1024, value=engine.gen.max_new_tokens, step=1, label="Max new tokens")
+                with gr.Accordion("Saved chats", open=store is not None, visible=store is not None, elem_id="chats"):
+                    saved_chats = gr.Dropdown(
+                        label=f"In {store.folder}" if store is not None else "Saved chats",
+                        choices=saved_list()["choices"],
+                        value=None,
+                        elem_id="saved-chats",
+                    )
+                    with gr.Row():
+                        open_btn = gr.Button("Open", elem_id="open-chat")
+                        delete_btn = gr.Button("Delete", elem_id="delete-chat")
+                    new_title = gr.Textbox(show_label=False, placeholder="New name", elem_id="chat-title")
+                    rename_btn = gr.Button("Rename", elem_id="rename-chat")
                 gr.Markdown(model_panel(engine.info()), elem_id="model-panel")
                 export_btn = gr.Button("Export as LLaVA JSON", elem_id="export")
                 download = gr.File(label="LLaVA JSON (+ images, zipped)", file_count="multiple", interactive=False)
 
         sliders = [temperature, top_p, max_tokens]
         # concurrency_limit=None: the engine's own queue decides who generates and tells waiters their place.
-        box.submit(respond, [box, conv, *sliders], [chatbot, box, conv], concurrency_limit=None)
-        regen.click(regenerate, [conv, *sliders], [chatbot, box, conv], concurrency_limit=None)
+        after = {"fn": idle, "inputs": [conv, saved], "outputs": [stop, seen, seen_usage, saved, saved_chats]}
+        box.submit(busy, None, [stop], queue=False).then(
+            respond, [box, conv, *sliders, system], [chatbot, box, conv], concurrency_limit=None
+        ).then(**after)
+        regen.click(busy, None, [stop], queue=False).then(
+            regenerate, [conv, *sliders, system], [chatbot, box, conv], concurrency_limit=None
+        ).then(**after)
         # Stop goes through the engine (the decode loop checks the event between tokens), not Gradio's cancel.
         stop.click(stop_reply, [conv], None, queue=False)
-        undo_btn.click(undo, [conv], [chatbot, box])
-        clear_btn.click(clear, [conv], [chatbot, download, conv])
+        undo_btn.click(undo, [conv], [chatbot, box]).then(**after)
+        clear_btn.click(clear, [conv], [chatbot, download, conv]).then(cleared, None, [seen, seen_usage, saved])
+        open_btn.click(open_chat, [saved_chats, conv], [chatbot, conv, saved, system, seen, seen_usage])
+        rename_btn.click(rename_chat, [saved_chats, new_title], [saved_chats, new_title])
+        delete_btn.click(delete_chat, [saved_chats, conv, saved], [saved_chats, chatbot, conv, saved])
         export_btn.click(export, [conv], [download])
         demo.unload(forget_exports)  # the tab closed: its exports go
     # Replies skip Gradio's line (concurrency_limit=None above): the engine runs max_concurrency of them, lets

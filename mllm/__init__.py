@@ -31,6 +31,7 @@ _EXPORTS = {
     "MLLMError": "mllm.errors",
     "CheckpointError": "mllm.errors",
     "ContextLengthError": "mllm.errors",
+    "GrammarError": "mllm.errors",
     "ImageError": "mllm.errors",
     "MessageError": "mllm.errors",
     "TooManyImagesError": "mllm.errors",

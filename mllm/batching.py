@@ -143,6 +143,11 @@ class Batcher:
             running.abandoned = True  # a reader that stops early takes its sequence out of the batch
 
     @property
+    def batch_size(self) -> int:
+        """Replies in the batch (decoded at the last step, or joining at the next)."""
+        return len(self._running)
+
+    @property
     def queued(self) -> int:
         """Jobs waiting for the model thread."""
         with self._cond:

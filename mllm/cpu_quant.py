@@ -260,8 +260,9 @@ def quantize_int4(llm: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
     for param in llm.parameters():
         param.data = param.data.to(dtype)
     _fuse_norms(llm)
-    if hasattr(llm, "config"):
+    if hasattr(llm, "config") and llm.config.tie_word_embeddings:
         llm.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+        llm.config.head_copies_embedding = True  # but a copy of it: one matrix as the model defines it
     for kept in ("_int4_decoder", "_transformers_batch"):  # built for the weights as they were (mllm.backends)
         llm.__dict__.pop(kept, None)
     return llm.eval()

@@ -44,3 +44,9 @@ class CheckpointError(MLLMError):
 
 class UnexportableError(CheckpointError):
     """A model part an export format cannot express (the message names the part and what does export)."""
+
+
+class GrammarError(MLLMError):
+    """A schema that cannot constrain a reply (not a valid JSON Schema, or a keyword the grammar engine lacks)."""
+
+    code = "invalid_schema"

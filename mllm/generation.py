@@ -19,9 +19,12 @@ from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
+from mllm.constrained import Grammar
+from mllm.logprobs import LogprobRecord
 from mllm.processor import Encoded
 
 
@@ -33,12 +36,18 @@ class GenerationConfig:
     """0 is greedy decoding; higher samples more freely."""
     top_p: float = 1.0
     """Nucleus sampling mass (used when temperature > 0)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (used when temperature > 0); 0 turns it off."""
     repetition_penalty: float = 1.0
     """>1 discourages repeating earlier tokens (CTRL-style, as in transformers)."""
     seed: int | None = None
     """Seed for sampling, for reproducible answers."""
     ignore_eos: bool = False
     """Keep going past end-of-turn tokens (benchmarks that need a fixed token count)."""
+    constraint: Grammar | None = None
+    """Hold the reply to a grammar (`mllm.constrained`: a JSON schema); each reply keeps its own place in it."""
+    logprobs: LogprobRecord | None = None
+    """Where the log probability of each token goes (`mllm.logprobs`): one record for one reply alone."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +56,8 @@ class GenerationConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -58,6 +69,8 @@ class GenerationConfig:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
             procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
             if self.top_p < 1.0:
                 procs.append(TopPLogitsWarper(self.top_p))
         return procs
@@ -92,6 +105,7 @@ class Sequence:
             self.generator = torch.Generator(device=model.device).manual_seed(gen.seed)
         self.history = [t for t in context_ids + new_ids.tolist() if t != model.image_token_id]
         self.remaining = max_new_tokens
+        self.constraint = gen.constraint.start() if gen.constraint is not None else None
         self.logits: torch.Tensor | None = None  # (1, V) once prefilled
 
     def prefill(self, embeds: torch.Tensor) -> None:
@@ -99,10 +113,13 @@ class Sequence:
         self.logits = self.model.backend.prefill([self.cache], [embeds[0]])  # (1, V)
 
     def sample(self) -> int | None:
-        """The next token from `logits`, or None when the reply is over (a stop token, or no budget left)."""
-        if self.remaining <= 0:
+        """The next token from `logits`, or None when the reply is over (a stop token, no budget left, or the
+        grammar's document complete). With a grammar, only the tokens it allows next can be sampled."""
+        if self.remaining <= 0 or (self.constraint is not None and self.constraint.finished):
             return None
         scores = self.logits.float()  # (1, V)
+        if self.constraint is not None:  # before the warpers: top-p keeps its mass among the allowed tokens
+            scores = self.constraint.mask(scores.clone())
         if self.procs:
             scores = self.procs(torch.tensor([self.history], device=scores.device), scores)
         if self.gen.temperature > 0:
@@ -111,6 +128,10 @@ class Sequence:
             token = int(scores.argmax(-1))
         if token in self.stops:
             return None
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if self.gen.logprobs is not None:
+            self.gen.logprobs.add(self.logits, token)
         self.history.append(token)
         self.remaining -= 1
         return token

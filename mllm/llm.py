@@ -208,3 +208,24 @@ def attach_lora(model, lora: LoraConfig, adapter_path: str | None = None, traina
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def logical_parameters(llm: torch.nn.Module) -> int:
+    """The LLM's parameter count as its architecture defines it, however its weights are held: packed int4 or
+    bitsandbytes 4-bit store two values a byte, and a llama.cpp backend holds the layers outside torch altogether,
+    so counting the tensors in memory says 33 M for SmolLM2-135M. The model is rebuilt from its config on the meta
+    device (no memory, no weights) and its parameters counted, tied embeddings once; LoRA adapters held in torch
+    are added."""
+    config = getattr(llm, "config", None)
+    if config is None:
+        return sum(p.numel() for p in llm.parameters())
+    config = type(config).from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(config, "head_copies_embedding", False):  # int4 keeps a packed copy of a tied head (mllm.cpu_quant)
+        config.tie_word_embeddings = True
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(config)
+    adapters = sum(p.numel() for name, p in llm.named_parameters() if "lora_" in name)
+    return sum(p.numel() for p in skeleton.parameters()) + adapters

@@ -75,6 +75,17 @@ class ChatSession:
             if first_dropped < len(slots):
                 self._cached_ids = self._cached_ids[: slots[first_dropped]]
 
+    def restore(self, messages: list[dict], images: list) -> None:
+        """Take up a saved conversation: `messages` (a system prompt first or not; user turns with their image
+        placeholders; each assistant reply), `images` (RGB, in placeholder order). The images are encoded now;
+        the next turn prefills the whole history once, then turns go on as usual."""
+        encoded = self.model.processor.encode(messages, images, labels=False)  # checks placeholders and lengths
+        features = image_features(self.model, encoded)  # (n_img, N_img, D_llm) or None
+        self.reset()
+        self.messages, self.images = [dict(m) for m in messages], list(images)
+        self._features = [] if features is None else list(features)
+        self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+
     def last_user_index(self) -> int:
         """Index in `messages` of the last user turn (what regenerate / edit / undo act on)."""
         for i in range(len(self.messages) - 1, -1, -1):

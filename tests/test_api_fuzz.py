@@ -99,7 +99,20 @@ request = st.fixed_dictionaries(
         "top_p": st.floats(allow_nan=True) | junk,
         "seed": st.integers(-(2**70), 2**70) | junk,
         "stop": st.lists(text, max_size=5) | text | junk,
-        "n": st.integers(-2, 3) | junk,
+        "n": st.integers(-2, 9) | junk,
+        "logprobs": st.booleans() | junk,
+        "top_logprobs": st.integers(-1, 22) | junk,
+        "response_format": st.sampled_from(
+            [
+                {"type": "text"},
+                {"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": []}}},
+                {"type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": {"not": {}}}},
+            ]
+        )
+        | junk,
         "stream": st.booleans() | junk,
         "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | junk}) | junk,
     },
@@ -141,3 +154,77 @@ def test_no_byte_string_gets_a_500(url, raw):
     headers = {"Content-Type": "application/json"}
     _check(httpx.post(f"{url}/v1/chat/completions", content=raw, headers=headers, timeout=60), raw)
     assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+
+# ---- the Ollama routes: the same promise, in Ollama's shapes ----------------------------------------------------
+ollama_message = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": text},
+        optional={"images": st.lists(st.builds(_png, st.integers(1, 40)) | text, max_size=2) | junk},
+    ),
+    st.fixed_dictionaries({"role": text | junk, "content": text | junk}, optional={"tool_calls": junk}),
+    junk,
+)
+options = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.floats(allow_nan=True) | junk,
+        "top_p": st.floats(allow_nan=True) | junk,
+        "top_k": st.integers(-5, 100) | junk,
+        "seed": st.integers(-(2**70), 2**70) | junk,
+        "num_predict": st.integers(-3, 12) | junk,
+        "stop": st.lists(text, max_size=5) | text | junk,
+        "repeat_penalty": st.floats(allow_nan=True) | junk,
+        "num_ctx": junk,
+        "mirostat": st.integers(0, 2),
+    },
+)
+ollama_common = {
+    "model": st.sampled_from(["tiny", "tiny:latest", "llama3"]) | text,
+    "stream": st.booleans() | junk,
+    "format": st.sampled_from(["", "json", {"type": "object"}, {"type": "nope"}, "xml"]) | junk,
+    "options": options | junk,
+    "keep_alive": st.sampled_from(["5m", "0", -1, 0, "1h30m", "soon"]) | junk,
+    "think": st.booleans() | junk,
+}
+ollama_chat = st.fixed_dictionaries(
+    {"model": ollama_common["model"], "messages": st.lists(ollama_message, max_size=3) | junk},
+    optional={k: v for k, v in ollama_common.items() if k != "model"},
+)
+ollama_generate = st.fixed_dictionaries(
+    {"model": ollama_common["model"]},
+    optional={
+        **{k: v for k, v in ollama_common.items() if k != "model"},
+        "prompt": text | junk,
+        "system": text | junk,
+        "images": st.lists(st.builds(_png, st.integers(1, 40)) | text, max_size=2) | junk,
+        "raw": st.booleans() | junk,
+        "context": junk,
+    },
+)
+
+
+def _check_ollama(response: httpx.Response, body: bytes, route: str) -> None:
+    assert response.status_code < 500, f"{response.status_code} for {body[:300]!r}: {response.text[:300]}"
+    if response.status_code >= 400:
+        assert isinstance(response.json()["error"], str) and response.json()["error"]
+        return
+    if route == "show":
+        assert response.json()["capabilities"]
+        return
+    lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+    assert lines and lines[-1]["done"] is True and all("error" not in line for line in lines), response.text[-300:]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sent=st.one_of(
+        st.tuples(st.just("chat"), ollama_chat),
+        st.tuples(st.just("generate"), ollama_generate),
+        st.tuples(st.sampled_from(["chat", "generate", "show"]), junk),
+    )
+)
+def test_no_ollama_body_gets_a_500(url, sent):
+    route, body = sent
+    raw = json.dumps(body, allow_nan=True).encode()
+    _check_ollama(httpx.post(f"{url}/api/{route}", content=raw, timeout=60), raw, route)

@@ -214,12 +214,8 @@ def test_numbers_out_of_range_are_refused_by_name(server, field, value):
 @pytest.mark.parametrize(
     "field, value, phrase",
     [
-        ("response_format", {"type": "json_object"}, "structured output"),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "structured output"),
         ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
         ("tool_choice", "auto", "tool calling"),
-        ("logprobs", True, "log probabilities"),
-        ("top_logprobs", 3, "log probabilities"),
         ("logit_bias", {"42": 5}, "logit_bias"),
         ("presence_penalty", 0.5, "presence_penalty"),
         ("frequency_penalty", 1.0, "frequency_penalty"),

@@ -114,6 +114,8 @@ def test_process_exit_code_and_no_traceback(tmp_path):
         (["api", "--api-key", ""], {}, "mllm api: --api-key (or MLLM_API_KEY) must not be empty"),
         (["api", "--api-key", "  "], {}, "must not be empty"),
         (["api"], {"MLLM_API_KEY": ""}, "must not be empty"),
+        (["api", "--cors-origin", "localhost:3000"], {}, "--cors-origin 'localhost:3000' is not an origin"),
+        (["api", "--cors-origin", "http://a.example/app"], {}, "no path"),
         (["ui", "--auth", "ann"], {}, "mllm ui: --auth (or MLLM_UI_AUTH) must be USER:PASSWORD"),
         (["ui", "--auth", "ann:"], {}, "must be USER:PASSWORD with neither part empty"),
         (["ui", "--auth", ":hunter2"], {}, "must be USER:PASSWORD"),

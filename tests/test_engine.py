@@ -210,6 +210,23 @@ def test_info_describes_the_model(engine):
     assert info["parameters"] > 0 and info["weights_bytes"] >= 4 * info["parameters"] // 2
 
 
+@pytest.mark.slow
+def test_the_parameter_count_is_the_architectures_however_the_weights_are_held():
+    """SmolLM2-135M's 134.5 M (its embedding tied to the head) plus the tower and connector, whether the LLM's layers
+    are in torch in float32, packed int4 (a packed copy of the head), or in llama.cpp outside torch (stored, the
+    count would be 33.0 M)."""
+    from mllm.loading import load_model
+
+    counts = {}
+    for backend, quantization in (("transformers", "none"), ("int4", "int4"), ("auto", None)):
+        model = load_model("default", device="cpu", backend=backend, quantization=quantization)
+        counts[model.backend.name] = ChatEngine(model, name="default").info()["parameters"]
+        if backend == "transformers":
+            stored = sum(p.numel() for p in model.parameters())
+    assert counts["transformers"] == stored == counts["int4"] == counts["llamacpp"]
+    assert 134_000_000 < stored < 145_000_000
+
+
 @pytest.fixture(scope="module")
 def long_context_model(tmp_path_factory, tiny_clip_dir):
     """The tiny model with an 8k context, so a 7,000-token prompt fits."""

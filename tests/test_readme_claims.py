@@ -133,6 +133,7 @@ CODES = {
     "ContextLengthError": "context_length_exceeded",
     "CheckpointError": "invalid_model",
     "UnexportableError": "invalid_model",
+    "GrammarError": "invalid_schema",
 }
 
 

@@ -220,3 +220,32 @@ def test_served_defaults_and_export_over_the_wire(engine, demo, served, exports,
     while _exported(exports) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _exported(exports) == [] and not Path(zipped["path"]).exists()
+
+
+def test_the_system_prompt_reaches_the_conversation_and_can_change(engine, handlers):
+    *_, (_, _, conv) = handlers["respond"]({"text": "hi", "files": []}, None, *SLIDERS, "Answer in French.")
+    messages = engine._conversations[conv].session.messages
+    assert messages[0] == {"role": "system", "content": "Answer in French."} and messages[1]["role"] == "user"
+    *_, (_, _, same) = handlers["respond"]({"text": "and?", "files": []}, conv, *SLIDERS, "Answer in German.")
+    messages = engine._conversations[conv].session.messages
+    assert same == conv and messages[0]["content"] == "Answer in German." and len(messages) == 5
+    list(handlers["respond"]({"text": "again", "files": []}, conv, *SLIDERS, "  "))  # blank: no system prompt
+    assert [m["role"] for m in engine._conversations[conv].session.messages][:2] == ["user", "assistant"]
+
+
+def test_the_models_view_shows_each_image_as_the_tower_got_it_and_the_context_used(engine, handlers, tmp_path):
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (64, 16), (220, 30, 30)).save(image)
+    conv = _chat(handlers, files=[str(image)])
+    stop, gallery, usage, saved, _ = handlers["idle"](conv)
+    assert saved is None  # no store: nothing saved
+    assert stop == gr.update(interactive=False)
+    size = engine.model.processor.image_processor.image_size
+    ((shown, caption),) = gallery
+    assert shown.size == (size, size)  # padded to a square and resized: what the tower received
+    assert caption == f"image 1: {size}x{size} px, {engine.model.tokens_per_image} tokens"
+    info = engine.seen(conv)
+    assert info["context_tokens"] > engine.model.tokens_per_image
+    assert f"context used: {info['context_tokens']:,} of {info['context_length']:,} tokens" in usage
+    assert handlers["busy"]() == gr.update(interactive=True)
+    assert handlers["cleared"]()[0] == []

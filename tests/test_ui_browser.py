@@ -105,8 +105,11 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
     page.wait_for_selector("#box textarea")
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (220, 30, 30)).save(image)
+    assert page.locator("#stop").is_disabled()  # nothing is being generated
+    page.locator("#system textarea").fill("You answer in one word.")
 
     _ask(page, "what color is this?", image)
+    page.wait_for_function("() => !document.querySelector('#stop').disabled", timeout=15_000)
     page.wait_for_selector("#chat .bot", timeout=15_000)
     page.wait_for_function("() => document.querySelector('#chat .bot')?.innerText.length > 0", timeout=15_000)
     shown = _reply_length(page)
@@ -116,6 +119,16 @@ def test_chat_in_the_browser(app_url, page, tmp_path):
     page.locator("#stop").click()
     stopped = _wait_until_still(page, engine)
     assert engine.info()["running"] == 0  # the engine stopped decoding, not just the page
+    page.wait_for_function("() => document.querySelector('#stop').disabled", timeout=15_000)
+    (conversation,) = [c for c in engine._conversations if engine.history(c)]
+    assert engine._conversations[conversation].session.messages[0] == {
+        "role": "system",
+        "content": "You answer in one word.",
+    }
+    page.get_by_text("What the model saw").click()  # the image as the tower got it, and the context used
+    page.locator("#seen img").first.wait_for(timeout=15_000)
+    assert page.locator("#seen img").count() == 1
+    page.get_by_text("context used:").first.wait_for(timeout=15_000)
     page.screenshot(path=str(tmp_path / "ui-stopped.png"), full_page=True)
 
     page.locator("#regenerate").click()
@@ -195,3 +208,56 @@ def test_the_cpu_default_backend_answers_in_the_browser(default_app_url, page, t
     expected = generate(model, messages, [Image.open(image).convert("RGB")], gen=GenerationConfig(max_new_tokens=12))
     assert turn.reply == expected and expected
     assert page.locator("#chat .bot").count() == 1 and page.locator("#chat .user img").count() == 1
+
+
+def test_chats_are_saved_and_reopened_after_a_restart(tiny_model, tmp_path, monkeypatch, page):
+    """A chat with a system prompt is saved after its reply; a new server over the same folder (a restart) lists it,
+    and Open brings back its messages, its image and its system prompt, and the chat goes on."""
+    from app.chat_store import ChatStore
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    image = tmp_path / "green.png"
+    Image.new("RGB", (48, 48), (30, 200, 30)).save(image)
+
+    def serve():
+        engine = ChatEngine(tiny_model, name="tiny", gen=GenerationConfig(max_new_tokens=8))
+        demo = ui.build(engine, store=ChatStore(tmp_path / "chats"))
+        port = _free_port()
+        ui.launch(demo, "127.0.0.1", port, allowed=[tmp_path], block=False)
+        return demo, engine, f"http://127.0.0.1:{port}"
+
+    demo, engine, url = serve()
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#box textarea")
+    page.locator("#system textarea").fill("Answer briefly.")
+    _ask(page, "what colour is the square?", image)
+    page.wait_for_selector("#chat .bot", timeout=15_000)
+    page.wait_for_function("() => document.querySelector('#stop').disabled", timeout=15_000)
+    reply = page.locator("#chat .bot").first.inner_text()
+    deadline = time.monotonic() + 15
+    while not list((tmp_path / "chats").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (saved,) = ChatStore(tmp_path / "chats").list()
+    assert saved.title == "what colour is the square?" and saved.system == "Answer briefly."
+    demo.close()
+
+    demo, engine, url = serve()  # the restart: a new engine that never saw the chat
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#box textarea")
+    assert page.locator("#chat .message").count() == 0
+    page.locator("#saved-chats input").click()
+    page.get_by_role("option", name="what colour is the square?", exact=False).click()
+    page.locator("#open-chat").click()
+    page.wait_for_selector("#chat .bot", timeout=15_000)
+    assert page.locator("#chat .bot").first.inner_text() == reply
+    assert page.locator("#chat .user img").count() == 1
+    assert page.locator("#system textarea").input_value() == "Answer briefly."
+    page.locator("#box textarea").fill("and the background?")
+    page.locator("#box textarea").press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#chat .bot').length === 2", timeout=15_000)
+    page.wait_for_function("() => document.querySelector('#stop').disabled", timeout=15_000)
+    deadline = time.monotonic() + 15
+    while len(ChatStore(tmp_path / "chats").load(saved.id).turns) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ChatStore(tmp_path / "chats").load(saved.id).turns) == 2  # the same file, one more turn
+    demo.close()
