@@ -3,7 +3,7 @@
 The built-in model's tower is the real ImageNet EfficientNet-Lite0, and its ImageNet classifier (`_fc`, global
 average pool -> 1000 classes) is good on real photos. No captioned photos exist offline, so nothing could
 learn to map the tower's features of a real photo to words. The classifier already does: `ClassifierView`
-turns its top classes into text ("cheetah 73%, leopard 14%, jaguar 11%"), left-padded to a fixed `num_tokens`,
+turns its top classes into text ("sure: cheetah 73%, leopard 14%, jaguar 11%"), left-padded to a fixed `num_tokens`,
 and embeds that text with the LLM's own embedding table; those embeddings follow the connector's image tokens
 in every image slot. The mapping from classifier to LLM is the LLM's own vocabulary, not learned; what the
 LLM learns (`training/synth_views.py`) is to read it: name the object when the classifier is sure, give its
@@ -26,6 +26,9 @@ from torch import nn
 View = list[tuple[str, float]]  # (class name, probability), most likely first
 TOP_K = 3  # classes named at most
 MIN_SHARE = 0.02  # classes below this are not named (after the first)
+# How sure the classifier is, said in a word before the classes: a 135M LLM reads "sure" / "maybe" / "unsure"
+# at once, where learning thresholds on the printed percentages took far more steps than it had.
+SURE, MAYBE = 0.5, 0.25  # the top class's probability each word starts at
 HEAD_CHANNELS = 1280  # EfficientNet-Lite0's head width: the classifier's input
 
 
@@ -44,9 +47,15 @@ def imagenet_labels() -> list[str]:
     return labels
 
 
+def confidence(view: View) -> str:
+    """'sure', 'maybe' or 'unsure', from the top class's probability."""
+    p = view[0][1]
+    return "sure" if p >= SURE else "maybe" if p >= MAYBE else "unsure"
+
+
 def view_text(view: View) -> str:
-    """'cheetah 73%, leopard 14%': what the LLM reads."""
-    return ", ".join(f"{name} {round(100 * p)}%" for name, p in view)
+    """'sure: cheetah 73%, leopard 14%': what the LLM reads."""
+    return f"{confidence(view)}: " + ", ".join(f"{name} {round(100 * p)}%" for name, p in view)
 
 
 class ClassifierView(nn.Module):
@@ -87,7 +96,7 @@ class ClassifierView(nn.Module):
             if len(ids) <= self.num_tokens or len(view) == 1:
                 break
             view = view[:-1]
-        ids = ids[-self.num_tokens :]  # one class name longer than the slots: its end is kept
+        ids = ids[: self.num_tokens]  # one class longer than the slots: the confidence word and name's start kept
         return [self.filler] * (self.num_tokens - len(ids)) + ids
 
     def forward(self, features: torch.Tensor, embeddings: nn.Embedding, given: list[View | None] | None = None):

@@ -26,9 +26,9 @@ def _photo(package: str, inner: str) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def viewed(tiny_llama_dir):
-    """The real tower and its classifier, a tiny LLM: 49 connector tokens + 12 words per image."""
+    """The real tower and its classifier, a tiny LLM: 49 connector tokens + 24 words per image."""
     config = MLLMConfig(
-        vision=VisionConfig(kind="efficientnet_lite0", features="multiscale", classifier_view=12),
+        vision=VisionConfig(kind="efficientnet_lite0", features="multiscale", classifier_view=24),
         llm=LLMConfig(path=str(tiny_llama_dir)),
         template="auto",
     )
@@ -65,17 +65,17 @@ def test_the_words_fill_a_fixed_number_of_slots_padded_on_the_left(viewed):
     ids = view.ids(long)
     assert len(ids) == view.num_tokens
     kept = view.tokenizer.decode(ids).strip()
-    assert kept.startswith("Great Dane 45%") and kept.count("%") < 3  # classes that do not fit are left out
+    assert kept.startswith("maybe: Great Dane 45%") and kept.count("%") < 3  # classes that do not fit are left out
     assert view_text(long).startswith(kept)
 
 
 def test_the_image_slots_hold_the_connector_tokens_then_the_words(viewed, images):
-    assert viewed.tokens_per_image == viewed.connector.num_tokens + 12
+    assert viewed.tokens_per_image == viewed.connector.num_tokens + 24
     encoded = viewed.processor.encode([{"role": "user", "content": "<image>\nWhat is this?"}], images[:1])
     assert int((encoded.input_ids == viewed.image_token_id).sum()) == viewed.tokens_per_image
     pixels = viewed.processor.image_inputs(encoded)["pixel_values"]
     with torch.inference_mode():
-        own = viewed.get_image_features(pixels)  # (1, 49 + 12, D)
+        own = viewed.get_image_features(pixels)  # (1, 49 + 24, D)
         given = viewed.get_image_features(pixels, image_views=[[("cheetah", 0.9)]])
     assert own.shape == (1, viewed.tokens_per_image, viewed.llm.config.hidden_size)
     assert torch.equal(own[:, :49], given[:, :49])  # the connector's tokens do not depend on the view
@@ -161,4 +161,6 @@ def test_the_photo_question_set_is_built_from_the_installed_packages_and_scored(
     assert not photo_correct("There are 4 objects: a large blue circle at the top left.", cheetah)
     assert photo_correct("I am not sure what this shows. My best guesses: bobsleigh or go-kart.", astronaut)
     assert not photo_correct("This looks like a bobsleigh.", astronaut)
-    assert view_text([("cheetah", 0.734), ("leopard", 0.14)]) == "cheetah 73%, leopard 14%"
+    assert view_text([("cheetah", 0.734), ("leopard", 0.14)]) == "sure: cheetah 73%, leopard 14%"
+    assert view_text([("drilling rig", 0.46)]) == "maybe: drilling rig 46%"
+    assert view_text([("bobsleigh", 0.2), ("go-kart", 0.05)]) == "unsure: bobsleigh 20%, go-kart 5%"

@@ -6,8 +6,8 @@ and two of its neighbours: the classes whose classifier weights are closest to i
 follow a cheetah), a question about what the picture shows, and the answer that view supports:
 
     sure (>= 50%)      "This looks like a cheetah."
-    unsure (>= 25%)    "It may be a cheetah, or perhaps a leopard; I am not sure."
-    lost (< 25%)       "I am not sure what this shows. My best guesses: cheetah, leopard or jaguar."
+    maybe (>= 25%)     "It may be a cheetah, or perhaps a leopard; I am not sure."
+    unsure (< 25%)     "I am not sure what this shows. My best guesses: cheetah, leopard or jaguar."
 
 The picture under the view is a shapes-world one on purpose: the model cannot tell the two kinds of rows
 apart by the picture, only by the view, so it learns to read the view. Shapes-world pictures keep their own
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mllm.classifier_view import MIN_SHARE, imagenet_labels
+from mllm.classifier_view import MIN_SHARE, confidence, imagenet_labels
 
 QUESTIONS = (
     "What is in this picture?",
@@ -41,7 +41,6 @@ QUESTIONS = (
     "What is in the photo?",
     "Can you tell what this is?",
 )
-SURE, UNSURE = 0.5, 0.25  # top-class probabilities the three kinds of answer start at
 NEIGHBOURS = 8  # the second and third classes come from the top class's nearest classes
 
 
@@ -51,10 +50,10 @@ def article(name: str) -> str:
 
 def answer(view: list[tuple[str, float]]) -> str:
     """What a view supports (see the module docstring)."""
-    (first, p), rest = view[0], [name for name, q in view[1:] if q >= MIN_SHARE]
-    if p >= SURE:
+    first, rest = view[0][0], [name for name, q in view[1:] if q >= MIN_SHARE]
+    if confidence(view) == "sure":
         return f"This looks like {article(first)} {first}."
-    if p >= UNSURE:
+    if confidence(view) == "maybe":
         if rest:
             return f"It may be {article(first)} {first}, or perhaps {article(rest[0])} {rest[0]}; I am not sure."
         return f"It may be {article(first)} {first}; I am not sure."
