@@ -49,7 +49,8 @@ from transformers.utils import logging as hf_logging
 from mllm.config import LLMConfig, MLLMConfig, VisionConfig
 from mllm.model import MLLM
 from mllm.tiny import build_clip, build_llama, build_tokenizer
-from training.data import ConversationDataset, Row, read_rows
+from training.data import ConversationDataset, Row
+from training.formats import read_rows
 from training.feature_cache import FeatureCache
 from training.loop import train
 from training.stage_config import StageConfig, load_stage

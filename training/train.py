@@ -19,7 +19,8 @@ import yaml
 
 from mllm.commandline import Parser, UsageError, run
 from mllm.config import MLLMConfig
-from training.data import DataError, read_rows
+from training.data import DataError
+from training.formats import READERS, read_rows
 from training.loop import make_accelerator, train
 from training.stage_config import load_stage
 from training.stage_model import model_for_stage
@@ -29,10 +30,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="mllm train", description="Train one stage (align, instruct, qformer_pretrain, generative).")
     p.add_argument("--stage", help="a preset (align, instruct, qformer_pretrain, generative), a config name or YAML")
     p.add_argument("--config", help="a YAML file of stage settings applied on top of --stage (its `base`)")
-    p.add_argument("--data", required=True, help="training rows: LLaVA JSON or JSONL")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training rows: LLaVA / ShareGPT / OpenAI JSON or JSONL, a `datasets` folder, Parquet",
+    )
+    p.add_argument(
+        "--format", choices=READERS, default=None, help="the data's format (default: detected from the rows)"
+    )
     p.add_argument("--image-folder", help="where the rows' image paths resolve")
     p.add_argument("--output", required=True, help="run directory: checkpoints, metrics, the final model")
-    p.add_argument("--val-data", help="validation rows (LLaVA JSON or JSONL)")
+    p.add_argument("--val-data", help="validation rows (any format --data takes)")
     p.add_argument("--init", help="start from this mllm checkpoint (e.g. the previous stage's output)")
     p.add_argument("--model-config", help="mllm_config.json-style JSON for a fresh model (default: MLLMConfig())")
     p.add_argument("--resume", action="store_true", help="continue from the latest OUTPUT/checkpoint-STEP exactly")
@@ -75,8 +83,8 @@ def train_from_args(args: argparse.Namespace) -> int:
     stage = stage_from_args(args)
     model_config = MLLMConfig.load(args.model_config) if args.model_config else None
     # Rows first: a typo in the data fails in milliseconds, before the model loads.
-    train_rows = read_rows(args.data, args.image_folder)
-    val_rows = read_rows(args.val_data, args.image_folder) if args.val_data else None
+    train_rows = read_rows(args.data, args.image_folder, args.format)
+    val_rows = read_rows(args.val_data, args.image_folder, args.format) if args.val_data else None
     accelerator = make_accelerator(stage)
     model = model_for_stage(stage, init=args.init, config=model_config, device=accelerator.device)
     cache = None if str(args.feature_cache).lower() == "none" else args.feature_cache
