@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
@@ -27,6 +28,7 @@ from mllm.processor import Processor
 from training.batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
 from training.data import ConversationDataset, DataError, Row
 from training.feature_cache import FeatureCache
+from training.mixture import Mixture
 from training.precision import prepare_cpu_bf16, restore_attention, use_bf16
 from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from training.run_output import Metrics, plot_losses, save_final_model
@@ -104,16 +106,19 @@ class TrainStep(nn.Module):
         return {"loss": loss}
 
 
-def open_feature_cache(model, stage, root, rows, accelerator, show_progress) -> FeatureCache | None:
-    """A filled cache when the tower is frozen and caching is on; each rank computes a share of the misses."""
+def open_feature_cache(model, stage, root, datasets, accelerator, show_progress) -> FeatureCache | None:
+    """A filled cache when the tower is frozen and caching is on; `datasets`: (name, rows) pairs, filled one
+    after the other (the progress bar names each); each rank computes a share of each one's misses."""
     if stage.vision != "frozen" or root is None:
         return None
     cache = FeatureCache(root, model.vision, model.config.vision, model.processor.image_processor)
-    missing = cache.missing(image for row in rows for image in row.images)
-    accelerator.wait_for_everyone()  # every rank has listed the misses before anyone writes
-    mine = missing[accelerator.process_index :: accelerator.num_processes]
-    cache.precompute(mine, stage.per_device_batch_size, show_progress and accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    for name, rows in datasets:
+        missing = cache.missing(image for row in rows for image in row.images)
+        accelerator.wait_for_everyone()  # every rank has listed the misses before anyone writes
+        mine = missing[accelerator.process_index :: accelerator.num_processes]
+        bar = show_progress and accelerator.is_main_process
+        cache.precompute(mine, stage.per_device_batch_size, bar, desc=f"caching vision features of {name}")
+        accelerator.wait_for_everyone()
     return cache
 
 
@@ -165,7 +170,7 @@ def validation_loss(
 def train(
     model: MLLM,
     stage: StageConfig,
-    train_rows: list[Row],
+    train_rows: list[Row] | Mixture,
     output_dir: str | Path,
     *,
     val_rows: list[Row] | None = None,
@@ -175,9 +180,18 @@ def train(
     show_progress: bool = True,
 ) -> TrainResult:
     """Train `model` (made by `training.stage_model.model_for_stage`) for `stage`: checkpoints, metrics.jsonl, loss.png and
-    the final model go to `output_dir`. `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`)
-    or None (run the tower live)."""
+    the final model go to `output_dir`. `train_rows`: rows, or a `Mixture` of several datasets sampled by weight.
+    `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`) or None (run the tower live)."""
     accelerator = accelerator or make_accelerator(stage)
+    mixture = train_rows if isinstance(train_rows, Mixture) else None
+    if mixture is not None:
+        train_rows = mixture.rows
+        # One source is plain data: its order stays the permutation a single --data file gets.
+        datasets = list(zip(mixture.names, np.split(np.arange(len(train_rows)), np.cumsum(mixture.sizes)[:-1])))
+        datasets = [(name, [train_rows[i] for i in part]) for name, part in datasets]
+        mixture = mixture if len(mixture.sizes) > 1 else None
+    else:
+        datasets = [("training", train_rows)]
     output, device = Path(output_dir), accelerator.device
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     accum, size = stage.gradient_accumulation(world), stage.global_batch_size
@@ -194,10 +208,12 @@ def train(
     end, warmup = stage.max_steps or total, math.ceil(stage.warmup_ratio * total)
     output.mkdir(parents=True, exist_ok=True)
 
-    check_rows(train_rows, model.processor, stage, accelerator, "training")
+    for name, rows in datasets:  # per dataset, so a bad row's message names its file
+        check_rows(rows, model.processor, stage, accelerator, name)
     check_rows(val_rows or [], model.processor, stage, accelerator, "validation")
     cache_root = output.parent / ".feature_cache" if feature_cache == "auto" else feature_cache
-    cache = open_feature_cache(model, stage, cache_root, train_rows + (val_rows or []), accelerator, show_progress)
+    cache_sets = [*datasets, *([("validation", val_rows)] if val_rows else [])]
+    cache = open_feature_cache(model, stage, cache_root, cache_sets, accelerator, show_progress)
     # bf16 on a CPU: frozen LLM weights in bf16 and fp32 attention (training.precision). Not when the
     # checkpoint carries the LLM's own weights (an earlier full tune): those must not be rounded.
     cpu_bf16 = accelerator.mixed_precision == "bf16" and device.type == "cpu" and model.config.tune["llm"] != "full"
@@ -208,7 +224,8 @@ def train(
     optimizer = torch.optim.AdamW(param_groups(model, stage, objective))
     start, checkpoint = 0, None
     if resume:
-        checkpoint, start = checkpoint_to_resume(output, stage, len(train_rows), step_module)
+        mix = mixture.describe() if mixture is not None else None
+        checkpoint, start = checkpoint_to_resume(output, stage, len(train_rows), step_module, mix)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     trainable = [p for p in step_module.parameters() if p.requires_grad]
 
@@ -216,7 +233,7 @@ def train(
     loader = torch.utils.data.DataLoader(
         Samples(train_rows, model.processor),
         batch_sampler=StepBatches(
-            [row_length(r, model.tokens_per_image) for r in train_rows], stage, world, rank, start, end
+            [row_length(r, model.tokens_per_image) for r in train_rows], stage, world, rank, start, end, mixture
         ),
         collate_fn=collate,
         num_workers=stage.num_workers,
@@ -282,6 +299,7 @@ def train(
                 "sampler_seed": stage.seed,
                 "num_rows": len(train_rows),
                 "world_size": world,
+                "datasets": mixture.describe() if mixture is not None else None,
             }
             save_checkpoint(output, model, stage, state, accelerator)
     bar.close()

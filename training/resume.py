@@ -1,7 +1,8 @@
 """Resumable checkpoints: `OUTPUT/checkpoint-STEP/`, written atomically, resumed exactly.
 
 A checkpoint directory is an mllm checkpoint (loadable with `--init` or `mllm chat`) plus:
-  trainer_state.json   step, data position (epoch, step in epoch, sampler seed), row count, the stage
+  trainer_state.json   step, data position (epoch, step in epoch, sampler seed), row count, the mixture of
+                       datasets (paths, rows, weights), the stage
   accelerate/          `accelerator.save_state`: the optimizer, each process's python / numpy / torch RNG
                        and the accumulation counter; under FSDP / DeepSpeed the backend's own model and
                        optimizer state
@@ -98,9 +99,12 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def checkpoint_to_resume(output: Path, stage, num_rows: int, step_module: torch.nn.Module) -> tuple[Path, int]:
+def checkpoint_to_resume(
+    output: Path, stage, num_rows: int, step_module: torch.nn.Module, datasets: list[dict] | None = None
+) -> tuple[Path, int]:
     """(the latest complete checkpoint, its step), once it is checked to be this run's: the same stage
-    settings, rows and trainable weights. Nothing is loaded yet: `restore_checkpoint` does that."""
+    settings, rows, mixture of datasets (`Mixture.describe()`) and trainable weights. Nothing is loaded yet:
+    `restore_checkpoint` does that."""
     path = latest_checkpoint(output)
     if path is None:
         raise FileNotFoundError(f"--resume: {output} has no complete checkpoint-STEP directory; drop --resume")
@@ -113,6 +117,11 @@ def checkpoint_to_resume(output: Path, stage, num_rows: int, step_module: torch.
         raise ValueError(f"--resume: {path} was trained with different stage settings {changed}; use the same ones")
     if state["num_rows"] != num_rows:
         raise ValueError(f"--resume: {path} was trained on {state['num_rows']} rows, this data has {num_rows}")
+    if state.get("datasets") != datasets:  # the mixture decides the data order: it must be the same
+        raise ValueError(
+            f"--resume: {path} was trained on datasets {state.get('datasets')}, this run has {datasets}; "
+            "give the same --data sources and weights"
+        )
     trainable = path / ACCELERATE_DIR / TRAINABLE_FILE
     if trainable.is_file():  # absent when FSDP / DeepSpeed saved the model in their own format
         with safe_open(trainable, framework="pt") as f:

@@ -3,6 +3,7 @@
     mllm train --stage align --data shapes/train_captions.json --image-folder shapes/images --output runs/align
     mllm train --stage instruct --init runs/align --data shapes/train.json --image-folder shapes/images \\
         --val-data shapes/val.json --output runs/instruct --set llm=qlora --set per_device_batch_size=4
+    mllm train --stage instruct --data a.json:0.7 --data b.jsonl:0.3 --image-folder images --output runs/mix
 
 Multi-process: `accelerate launch [--config_file ...] -m training.train ...` or `torchrun -m training.train ...`.
 Bad data rows, bad settings and missing files print one message and exit with status 2.
@@ -22,6 +23,7 @@ from mllm.config import MLLMConfig
 from training.data import DataError
 from training.formats import READERS, read_rows
 from training.loop import make_accelerator, train
+from training.mixture import parse_source, read_mixture
 from training.stage_config import load_stage
 from training.stage_model import model_for_stage
 
@@ -32,8 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="a YAML file of stage settings applied on top of --stage (its `base`)")
     p.add_argument(
         "--data",
-        required=True,
-        help="training rows: LLaVA / ShareGPT / OpenAI JSON or JSONL, a `datasets` folder, Parquet",
+        action="append",
+        metavar="PATH[:WEIGHT]",
+        help="training rows: LLaVA / ShareGPT / OpenAI JSON or JSONL, a `datasets` folder or Parquet; repeat it for "
+        "a mixture sampled by weight (--data a.json:0.7 --data b.jsonl:0.3); default: the stage's `datasets`",
     )
     p.add_argument(
         "--format", choices=READERS, default=None, help="the data's format (default: detected from the rows)"
@@ -83,7 +87,10 @@ def train_from_args(args: argparse.Namespace) -> int:
     stage = stage_from_args(args)
     model_config = MLLMConfig.load(args.model_config) if args.model_config else None
     # Rows first: a typo in the data fails in milliseconds, before the model loads.
-    train_rows = read_rows(args.data, args.image_folder, args.format)
+    sources = [parse_source(entry) for entry in args.data or stage.datasets]
+    if not sources:
+        raise ValueError("no training data: give --data (or `datasets` in the stage YAML)")
+    train_rows = read_mixture(sources, args.image_folder, args.format)
     val_rows = read_rows(args.val_data, args.image_folder, args.format) if args.val_data else None
     accelerator = make_accelerator(stage)
     model = model_for_stage(stage, init=args.init, config=model_config, device=accelerator.device)

@@ -23,6 +23,7 @@ from mllm.loading import load_processor
 from mllm.processor import Processor
 from training.data import ROLE_OF, DataError, _resolve, parse_row
 from training.formats import READERS, load_records
+from training.mixture import parse_source
 
 PLACEHOLDER = "<image>"  # LLaVA data's placeholder, whatever token the model expands it to
 EXIT_OK, EXIT_BAD = 0, 1  # usage errors: mllm.commandline's EXIT_USAGE (2)
@@ -255,7 +256,12 @@ def _count_placeholders(turns) -> int:
 # ---- command line -------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="mllm data validate", description="Check a dataset (any format) and name every bad row.")
-    p.add_argument("data", help="a .json list of rows, a .jsonl file, a `datasets` folder or .parquet file(s)")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="a .json list of rows, a .jsonl file, a `datasets` folder or .parquet file(s); several: a mixture's "
+        "datasets, each checked and reported on its own (a PATH:WEIGHT as --data takes it is read as PATH)",
+    )
     p.add_argument("--format", choices=READERS, default=None, help="the rows' format (default: detected)")
     p.add_argument("--image-folder", default=None, help="folder the rows' image paths are relative to")
     p.add_argument(
@@ -286,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if not Path(args.data).exists():
-        raise UsageError(f"mllm data validate: data file {args.data} does not exist")
+    sources = [parse_source(entry) for entry in args.data]
+    for source in sources:
+        if not Path(source.path).exists():
+            raise UsageError(f"mllm data validate: data file {source.path} does not exist")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         raise UsageError(f"mllm data validate: image folder {args.image_folder} does not exist")
     if args.max_length is not None and args.max_length <= 0:
@@ -297,17 +305,23 @@ def _main(argv: list[str]) -> int:
     # Token lengths need a tokenizer: --max-length alone counts with the default model's.
     name = args.model if args.model is not None else "default" if args.max_length is not None else None
     processor = _load_processor(name) if name is not None else None
-    try:
-        report = validate(
-            args.data, args.image_folder, processor, args.max_length, args.min_supervised_share, args.format
-        )
-    except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
-        print(str(e))
-        return EXIT_BAD
-    for where, reason in report.problems:
-        print(f"{where}: {reason}")
-    print(report.summary())
-    return EXIT_OK if report.ok else EXIT_BAD
+    ok = True
+    for source in sources:
+        # Several datasets: each line starts with its file, so a problem is found in the right one.
+        head = f"{source.path}: " if len(sources) > 1 else ""
+        try:
+            report = validate(
+                source.path, args.image_folder, processor, args.max_length, args.min_supervised_share, args.format
+            )
+        except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
+            print(str(e))
+            ok = False
+            continue
+        for where, reason in report.problems:
+            print(f"{head}{where}: {reason}")
+        print(head + report.summary())
+        ok = ok and report.ok
+    return EXIT_OK if ok else EXIT_BAD
 
 
 def _load_processor(name: str) -> Processor:
