@@ -170,7 +170,8 @@ def _checkpoints(output: Path) -> list[int]:
 
 def _metrics(output: Path) -> list[dict]:
     rows = [json.loads(line) for line in _lines(output / "metrics.jsonl")]
-    return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in rows]  # the speed is the clock's
+    clock = {"samples_per_s", "tokens_per_s", "cpu_memory_gib", "gpu_memory_gib"}  # the clock's and the process's
+    return [{k: v for k, v in row.items() if k not in clock} for row in rows]
 
 
 def _logged_steps(output: Path) -> list[int]:

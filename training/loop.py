@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
+from accelerate.utils import ProjectConfiguration, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
+import training.tracking as tracking
 from mllm.model import MLLM
 from mllm.processor import Processor
 from training.batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
@@ -54,9 +55,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_accelerator(stage: StageConfig) -> Accelerator:
+def make_accelerator(stage: StageConfig, report_to: str = "none", output: str | Path | None = None) -> Accelerator:
     """bf16 autocast where bf16 is fast (GPUs with bf16, CPUs with AMX or AVX512-BF16: training.precision),
-    else fp32."""
+    else fp32. `report_to`: the live tracker (`training.tracking`), logging under `output`/logs."""
     cpu = not torch.cuda.is_available()  # also makes torchrun on a CPU host a gloo DDP run
     world = PartialState(cpu=cpu).num_processes
     bf16 = use_bf16(stage.precision, cpu)
@@ -65,10 +66,17 @@ def make_accelerator(stage: StageConfig) -> Accelerator:
         # accelerate fixes the precision once per process; a later run in the same process (a notebook,
         # a sweep, the tests) with another precision starts a fresh state rather than failing.
         AcceleratorState._reset_state()
+    log_with = tracking.trackers(report_to)
+    if log_with and output is None:
+        raise ValueError(f"--report-to {report_to} needs the run's output directory for its logs")
     return Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=stage.gradient_accumulation(world),
         mixed_precision="bf16" if bf16 else "no",
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(str(output), logging_dir=str(Path(output) / tracking.LOG_DIR))
+        if log_with
+        else None,
     )
 
 
@@ -178,11 +186,13 @@ def train(
     resume: bool = False,
     feature_cache: str | Path | None = "auto",
     show_progress: bool = True,
+    report_to: str = "none",
 ) -> TrainResult:
     """Train `model` (made by `training.stage_model.model_for_stage`) for `stage`: checkpoints, metrics.jsonl, loss.png and
     the final model go to `output_dir`. `train_rows`: rows, or a `Mixture` of several datasets sampled by weight.
-    `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`) or None (run the tower live)."""
-    accelerator = accelerator or make_accelerator(stage)
+    `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`) or None (run the tower live).
+    `report_to`: the live tracker of an accelerator made here (a given one carries its own)."""
+    accelerator = accelerator or make_accelerator(stage, report_to, output_dir)
     mixture = train_rows if isinstance(train_rows, Mixture) else None
     if mixture is not None:
         train_rows = mixture.rows
@@ -243,8 +253,9 @@ def train(
     metrics = Metrics(output / "metrics.jsonl", keep_until=start, enabled=main)
     if checkpoint is not None:  # weights, optimizer and RNG; last, so nothing above shifts the dropout masks
         restore_checkpoint(checkpoint, accelerator)
+    tracking.start(accelerator, stage, output, start)
     bar = tqdm(total=end, initial=start, desc=stage.name, disable=not (show_progress and main), dynamic_ncols=True)
-    losses, val_loss, logged, tick = [], None, start, time.perf_counter()
+    losses, val_loss, logged, tick, tokens = [], None, start, time.perf_counter(), 0
     for step in range(start, end):
         step_module.train()
         for part in ("vision", "connector"):  # frozen parts stay in eval mode: dropout off, BatchNorm stats fixed
@@ -254,6 +265,7 @@ def train(
             group["lr"] = group["base_lr"] * factor
         micro = [next(batches) for _ in range(accum)]
         weights = [batch_weight(b) for b in micro]
+        tokens += sum(tracking.batch_tokens(b) for b in micro)  # this rank's; summed over ranks when logged
         # A sync point: every rank needs the global batch's token count before its first backward.
         global_weight = accelerator.reduce(torch.tensor(float(sum(weights)), device=device), "sum").item()
         step_loss = torch.zeros((), device=device)
@@ -272,23 +284,30 @@ def train(
         bar.update(1)
         if done % stage.log_every == 0 or done == end:
             loss_value = accelerator.reduce(step_loss, "sum").item()  # each rank holds a partial sum
+            all_tokens = accelerator.reduce(torch.tensor(float(tokens), device=device), "sum").item()
             now = time.perf_counter()
-            speed, logged, tick = size * (done - logged) / (now - tick), done, now
+            speed, token_speed = size * (done - logged) / (now - tick), all_tokens / (now - tick)
+            logged, tick, tokens = done, now, 0
             lrs = {f"lr_{p}": stage.lr[p] * factor for p in ("vision", "connector", "llm") if stage.tune[p] != "frozen"}
             norm = None if grad_norm is None else float(grad_norm)
             losses.append(loss_value)
-            metrics.write(
-                step=done,
-                epoch=round(done / steps_per_epoch, 4),
-                loss=loss_value,
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "loss": loss_value,
                 **lrs,
-                grad_norm=norm,
-                samples_per_s=round(speed, 2),
-            )
+                "grad_norm": norm,
+                "samples_per_s": round(speed, 2),
+                "tokens_per_s": round(token_speed, 1),
+                **tracking.memory(),
+            }
+            metrics.write(**record)
+            tracking.log(accelerator, record, done)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{speed:.1f}")
         if val_rows and (done == end or (stage.eval_every and done % stage.eval_every == 0)):
             val_loss = validation_loss(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
             metrics.write(step=done, val_loss=val_loss)
+            tracking.log(accelerator, {"val_loss": val_loss}, done)
         # A run stopped before its schedule's end (max_steps) always leaves a checkpoint to resume from.
         if (stage.save_every and done % stage.save_every == 0) or (done == end and end < total):
             epoch, in_epoch = divmod(done, steps_per_epoch)  # the data position of the next step
@@ -303,6 +322,7 @@ def train(
             }
             save_checkpoint(output, model, stage, state, accelerator)
     bar.close()
+    accelerator.end_training()  # flushes and closes the trackers
     if cpu_bf16:
         restore_attention(model.llm)
     if main:

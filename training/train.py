@@ -26,6 +26,7 @@ from training.loop import make_accelerator, train
 from training.mixture import parse_source, read_mixture
 from training.stage_config import load_stage
 from training.stage_model import model_for_stage
+from training.tracking import REPORT_TO
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,6 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a stage setting (repeatable)"
+    )
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default="auto",
+        help="live dashboard: tensorboard (logs in OUTPUT/logs), wandb or none (default auto: tensorboard if installed)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -92,7 +99,7 @@ def train_from_args(args: argparse.Namespace) -> int:
         raise ValueError("no training data: give --data (or `datasets` in the stage YAML)")
     train_rows = read_mixture(sources, args.image_folder, args.format)
     val_rows = read_rows(args.val_data, args.image_folder, args.format) if args.val_data else None
-    accelerator = make_accelerator(stage)
+    accelerator = make_accelerator(stage, args.report_to, args.output)
     model = model_for_stage(stage, init=args.init, config=model_config, device=accelerator.device)
     cache = None if str(args.feature_cache).lower() == "none" else args.feature_cache
     result = train(
