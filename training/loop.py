@@ -29,6 +29,7 @@ from mllm.processor import Processor
 from training.batches import Collator, Samples, StepBatches, batch_weight, row_length, to_device
 from training.data import ConversationDataset, DataError, Row
 from training.feature_cache import FeatureCache
+from training.live_eval import LiveEval
 from training.mixture import Mixture
 from training.precision import prepare_cpu_bf16, restore_attention, use_bf16
 from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint
@@ -187,11 +188,13 @@ def train(
     feature_cache: str | Path | None = "auto",
     show_progress: bool = True,
     report_to: str = "none",
+    live_eval: LiveEval | None = None,
 ) -> TrainResult:
     """Train `model` (made by `training.stage_model.model_for_stage`) for `stage`: checkpoints, metrics.jsonl, loss.png and
     the final model go to `output_dir`. `train_rows`: rows, or a `Mixture` of several datasets sampled by weight.
     `feature_cache`: a directory, `auto` (`output_dir/../.feature_cache`) or None (run the tower live).
-    `report_to`: the live tracker of an accelerator made here (a given one carries its own)."""
+    `report_to`: the live tracker of an accelerator made here (a given one carries its own). `live_eval`: answer
+    scores on held-out questions at each `eval_every` and at the end (`training.live_eval`)."""
     accelerator = accelerator or make_accelerator(stage, report_to, output_dir)
     mixture = train_rows if isinstance(train_rows, Mixture) else None
     if mixture is not None:
@@ -217,6 +220,9 @@ def train(
         )
     end, warmup = stage.max_steps or total, math.ceil(stage.warmup_ratio * total)
     output.mkdir(parents=True, exist_ok=True)
+    if live_eval is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # Generation needs the whole model on one process; sharded parameters are not.
+        raise ValueError("evaluation while training (--eval-data) runs with DDP or one process, not FSDP / DeepSpeed")
 
     for name, rows in datasets:  # per dataset, so a bad row's message names its file
         check_rows(rows, model.processor, stage, accelerator, name)
@@ -251,6 +257,7 @@ def train(
     )
     batches = iter(loader)
     metrics = Metrics(output / "metrics.jsonl", keep_until=start, enabled=main)
+    best = LiveEval.best_so_far(output / "metrics.jsonl") if live_eval is not None and start and main else None
     if checkpoint is not None:  # weights, optimizer and RNG; last, so nothing above shifts the dropout masks
         restore_checkpoint(checkpoint, accelerator)
     tracking.start(accelerator, stage, output, start)
@@ -304,10 +311,21 @@ def train(
             metrics.write(**record)
             tracking.log(accelerator, record, done)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{speed:.1f}")
-        if val_rows and (done == end or (stage.eval_every and done % stage.eval_every == 0)):
+        at_eval = done == end or (stage.eval_every and done % stage.eval_every == 0)
+        if val_rows and at_eval:
             val_loss = validation_loss(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
             metrics.write(step=done, val_loss=val_loss)
             tracking.log(accelerator, {"val_loss": val_loss}, done)
+        if live_eval is not None and at_eval:
+            if main:  # greedy answers from the model as it is now, on the main process (the others wait)
+                with accelerator.autocast():  # as the steps run (a no-op in fp32)
+                    summary = live_eval.score(model, output, done)
+                record = live_eval.record(summary)
+                metrics.write(step=done, **record)
+                tracking.log(accelerator, record, done)
+                best = live_eval.keep_if_best(model, output, done, summary["accuracy"], best)
+                bar.set_postfix(eval_accuracy=f"{summary['accuracy']:.3f}")
+            accelerator.wait_for_everyone()
         # A run stopped before its schedule's end (max_steps) always leaves a checkpoint to resume from.
         if (stage.save_every and done % stage.save_every == 0) or (done == end and end < total):
             epoch, in_epoch = divmod(done, steps_per_epoch)  # the data position of the next step

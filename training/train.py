@@ -22,6 +22,7 @@ from mllm.commandline import Parser, UsageError, run
 from mllm.config import MLLMConfig
 from training.data import DataError
 from training.formats import READERS, read_rows
+from training.live_eval import LiveEval
 from training.loop import make_accelerator, train
 from training.mixture import parse_source, read_mixture
 from training.stage_config import load_stage
@@ -46,6 +47,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--image-folder", help="where the rows' image paths resolve")
     p.add_argument("--output", required=True, help="run directory: checkpoints, metrics, the final model")
     p.add_argument("--val-data", help="validation rows (any format --data takes)")
+    p.add_argument("--eval-data", help="held-out questions scored by `mllm eval`'s scorer during training")
+    p.add_argument("--eval-every", type=int, help="optimizer steps between evaluations (validation loss and scores)")
+    p.add_argument("--eval-limit", type=int, default=100, help="questions of --eval-data per evaluation (default 100)")
+    p.add_argument("--keep-best", action="store_true", help="keep the best-scoring model in OUTPUT/best")
     p.add_argument("--init", help="start from this mllm checkpoint (e.g. the previous stage's output)")
     p.add_argument("--model-config", help="mllm_config.json-style JSON for a fresh model (default: MLLMConfig())")
     p.add_argument("--resume", action="store_true", help="continue from the latest OUTPUT/checkpoint-STEP exactly")
@@ -82,6 +87,8 @@ def stage_from_args(args: argparse.Namespace):
         overrides[key.strip()] = yaml.safe_load(value) if value else ""
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    if args.eval_every is not None:
+        overrides["eval_every"] = args.eval_every
     if args.config:
         base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("base", Path(args.config).stem)
         if args.stage and args.stage != base:
@@ -99,6 +106,11 @@ def train_from_args(args: argparse.Namespace) -> int:
         raise ValueError("no training data: give --data (or `datasets` in the stage YAML)")
     train_rows = read_mixture(sources, args.image_folder, args.format)
     val_rows = read_rows(args.val_data, args.image_folder, args.format) if args.val_data else None
+    if args.keep_best and not args.eval_data:
+        raise ValueError("--keep-best keeps the best --eval-data score: give --eval-data")
+    live_eval = None
+    if args.eval_data:
+        live_eval = LiveEval(read_rows(args.eval_data, args.image_folder), args.eval_limit, args.keep_best)
     accelerator = make_accelerator(stage, args.report_to, args.output)
     model = model_for_stage(stage, init=args.init, config=model_config, device=accelerator.device)
     cache = None if str(args.feature_cache).lower() == "none" else args.feature_cache
@@ -112,6 +124,7 @@ def train_from_args(args: argparse.Namespace) -> int:
         resume=args.resume,
         feature_cache=cache,
         show_progress=not args.quiet,
+        live_eval=live_eval,
     )
     if accelerator.is_main_process:
         summary = {"stage": stage.name, "steps": result.steps, "loss": result.losses[-1] if result.losses else None}
