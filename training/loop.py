@@ -11,6 +11,7 @@ Before step 0 every row is encoded once, so a bad row stops the run, named, on e
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,7 +33,7 @@ from training.feature_cache import FeatureCache
 from training.live_eval import LiveEval
 from training.mixture import Mixture
 from training.precision import prepare_cpu_bf16, restore_attention, use_bf16
-from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint
+from training.resume import checkpoint_to_resume, restore_checkpoint, save_checkpoint, whole_parameters
 from training.run_output import Metrics, plot_losses, save_final_model
 from training.stage_config import StageConfig
 from training.stage_model import build_objective, param_groups
@@ -70,7 +71,7 @@ def make_accelerator(stage: StageConfig, report_to: str = "none", output: str | 
     log_with = tracking.trackers(report_to)
     if log_with and output is None:
         raise ValueError(f"--report-to {report_to} needs the run's output directory for its logs")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=stage.gradient_accumulation(world),
         mixed_precision="bf16" if bf16 else "no",
@@ -79,6 +80,16 @@ def make_accelerator(stage: StageConfig, report_to: str = "none", output: str | 
         if log_with
         else None,
     )
+    if cpu and world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # `accelerate launch` with an FSDP config on a CPU host: accelerate turns FSDP on for accelerators only and
+        # leaves the run plain DDP (MULTI_CPU), while torch's FSDP itself shards over gloo on CPU. Turned on here,
+        # with the plugin read from the config's environment, so the FSDP path runs (and is tested) without a GPU.
+        # (in both states: accelerate copies the process state into the accelerator's on every AcceleratorState())
+        for state in (PartialState(), accelerator.state):
+            state.distributed_type = DistributedType.FSDP
+            state.device = torch.device("cpu")  # FSDP takes `cpu`, not DDP's `cpu:0`, as its device_id
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return accelerator
 
 
 class TrainStep(nn.Module):
@@ -220,9 +231,9 @@ def train(
         )
     end, warmup = stage.max_steps or total, math.ceil(stage.warmup_ratio * total)
     output.mkdir(parents=True, exist_ok=True)
-    if live_eval is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        # Generation needs the whole model on one process; sharded parameters are not.
-        raise ValueError("evaluation while training (--eval-data) runs with DDP or one process, not FSDP / DeepSpeed")
+    if live_eval is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Generation needs the whole model on one process; ZeRO-3 partitions it (FSDP's are gathered for it).
+        raise ValueError("evaluation while training (--eval-data) runs with one process, DDP or FSDP, not DeepSpeed")
 
     for name, rows in datasets:  # per dataset, so a bad row's message names its file
         check_rows(rows, model.processor, stage, accelerator, name)
@@ -313,19 +324,21 @@ def train(
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{speed:.1f}")
         at_eval = done == end or (stage.eval_every and done % stage.eval_every == 0)
         if val_rows and at_eval:
-            val_loss = validation_loss(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
+            with whole_parameters(accelerator):  # FSDP: the unwrapped module needs whole parameters
+                val_loss = validation_loss(step_module, Samples(val_rows, model.processor), collate, stage, accelerator)
             metrics.write(step=done, val_loss=val_loss)
             tracking.log(accelerator, {"val_loss": val_loss}, done)
         if live_eval is not None and at_eval:
-            if main:  # greedy answers from the model as it is now, on the main process (the others wait)
-                with accelerator.autocast():  # as the steps run (a no-op in fp32)
-                    summary = live_eval.score(model, output, done)
-                record = live_eval.record(summary)
-                metrics.write(step=done, **record)
-                tracking.log(accelerator, record, done)
-                best = live_eval.keep_if_best(model, output, done, summary["accuracy"], best)
-                bar.set_postfix(eval_accuracy=f"{summary['accuracy']:.3f}")
-            accelerator.wait_for_everyone()
+            with whole_parameters(accelerator):
+                if main:  # greedy answers from the model as it is now, on the main process (the others wait)
+                    with accelerator.autocast():  # as the steps run (a no-op in fp32)
+                        summary = live_eval.score(model, output, done)
+                    record = live_eval.record(summary)
+                    metrics.write(step=done, **record)
+                    tracking.log(accelerator, record, done)
+                    best = live_eval.keep_if_best(model, output, done, summary["accuracy"], best)
+                    bar.set_postfix(eval_accuracy=f"{summary['accuracy']:.3f}")
+                accelerator.wait_for_everyone()
         # A run stopped before its schedule's end (max_steps) always leaves a checkpoint to resume from.
         if (stage.save_every and done % stage.save_every == 0) or (done == end and end < total):
             epoch, in_epoch = divmod(done, steps_per_epoch)  # the data position of the next step
@@ -340,11 +353,13 @@ def train(
             }
             save_checkpoint(output, model, stage, state, accelerator)
     bar.close()
-    accelerator.end_training()  # flushes and closes the trackers
+    for tracker in accelerator.trackers:  # flush and close them (not end_training: it ends the process group too)
+        tracker.finish()
     if cpu_bf16:
         restore_attention(model.llm)
-    if main:
-        save_final_model(model, output)
-        plot_losses(output / "metrics.jsonl", output / "loss.png")
+    with whole_parameters(accelerator):
+        if main:
+            save_final_model(model, output)
+            plot_losses(output / "metrics.jsonl", output / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(steps=end, losses=losses, val_loss=val_loss)

@@ -24,11 +24,12 @@ import json
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import DistributedType, extract_model_from_parallel
 from accelerate.utils.constants import RNG_STATE_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -41,6 +42,21 @@ ACCELERATE_DIR = "accelerate"
 TRAINABLE_FILE = "trainable.safetensors"
 # Stage fields that may change between a run and its resume: they do not affect the weights.
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "num_workers"}
+
+
+@contextmanager
+def whole_parameters(accelerator: Accelerator):
+    """Under FSDP (1) a parameter outside forward is this rank's shard of it (a flat slice); inside this context
+    every rank holds it whole again, read-only: for saving the mllm checkpoint, validation and evaluation. All
+    ranks must enter it (it gathers). Elsewhere it does nothing."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    (module,) = accelerator._models  # the TrainStep accelerate wrapped
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+        yield
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -70,9 +86,10 @@ def save_checkpoint(output: Path, model, stage, state: dict, accelerator: Accele
     state of everything `accelerator.prepare` was given, then `state` (+ the stage) as trainer_state.json."""
     final = output / f"checkpoint-{state['step']}"
     tmp = output / f".checkpoint-{state['step']}.tmp"  # one name for every rank
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tmp)
+    with whole_parameters(accelerator):  # under FSDP every rank takes part in gathering the shards
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(model, tmp)
     accelerator.wait_for_everyone()
     hook = accelerator.register_save_state_pre_hook(_save_trainable)
     try:

@@ -127,7 +127,13 @@ def train_from_args(args: argparse.Namespace) -> int:
         live_eval=live_eval,
     )
     if accelerator.is_main_process:
-        summary = {"stage": stage.name, "steps": result.steps, "loss": result.losses[-1] if result.losses else None}
+        summary = {
+            "stage": stage.name,
+            "steps": result.steps,
+            "loss": result.losses[-1] if result.losses else None,
+            "processes": accelerator.num_processes,
+            "distributed": accelerator.distributed_type.name,  # NO, MULTI_CPU (DDP), MULTI_GPU, FSDP, DEEPSPEED
+        }
         if result.val_loss is not None:
             summary["val_loss"] = result.val_loss
         print(json.dumps(summary))
