@@ -1,7 +1,8 @@
 """The training loop, top to bottom: data order, lr schedule, accumulation, clipping, eval, checkpoints.
 
 It runs on `accelerate` (CPU, one GPU, or DDP / FSDP / DeepSpeed through `accelerate launch` or
-torchrun). The data order is a (seed, epoch)-seeded permutation cut into global batches, so the data
+torchrun; FSDP is tested on 2 CPU processes, DeepSpeed needs CUDA). The data order (one dataset or a weighted
+mixture, `training.mixture`) is a (seed, epoch)-seeded permutation cut into global batches, so the data
 position is just the optimizer step: resuming needs no sampler state. Every optimizer step's gradient
 is the token-mean over the whole global batch, whatever the split into processes and micro-batches.
 
