@@ -194,3 +194,19 @@ def test_mllm_data_convert_command(shapes, tmp_path, capsys):
     bad.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
     assert main(["data", "convert", str(bad), str(tmp_path / "x.json"), "--to", "llava"]) == 2
     assert "line 1: message 0 has role='bot'" in capsys.readouterr().err
+    image = read_rows(shapes["train"], shapes["images"])[0].images[0].name
+    two = {"messages": [{"role": "user", "content": "<image><image> hi"}, {"role": "assistant", "content": "ok"}],
+           "images": [image]}  # fmt: skip
+    bad.write_text(json.dumps(two) + "\n")
+    args = [
+        "data",
+        "convert",
+        str(bad),
+        str(tmp_path / "x.jsonl"),
+        "--to",
+        "openai",
+        "--image-folder",
+        str(shapes["images"]),
+    ]
+    assert main(args) == 2
+    assert "line 1: 2 <image> placeholder(s) but 1 image(s)" in capsys.readouterr().err

@@ -324,7 +324,17 @@ def convert(source, target, to: str, image_folder=None, format=None, embed=False
     if to not in FORMATS:
         raise DataError(f"--to {to!r}; use one of {', '.join(FORMATS)}")
     records = load_records(source, image_folder, format)
-    bad = [str(r) for _, r in records.items if isinstance(r, Exception) or not isinstance(r, dict)]
+    bad = []
+    for where, record in records.items:  # what training would refuse is not written in another format either
+        try:
+            if isinstance(record, Exception):
+                raise record
+            row = parse_row(where, record, records.image_folder)
+            placeholders = sum(m["content"].count(PLACEHOLDER) for m in row.messages)
+            if placeholders != len(row.images):
+                raise DataError(f"{row.id}: {placeholders} {PLACEHOLDER} placeholder(s) but {len(row.images)} image(s)")
+        except DataError as e:
+            bad.append(str(e))
     if bad:
         raise DataError(
             f"{source}: {len(bad)} bad row(s); run `mllm data validate` for all:\n  " + "\n  ".join(bad[:5])

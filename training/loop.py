@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
@@ -212,8 +211,8 @@ def train(
     if mixture is not None:
         train_rows = mixture.rows
         # One source is plain data: its order stays the permutation a single --data file gets.
-        datasets = list(zip(mixture.names, np.split(np.arange(len(train_rows)), np.cumsum(mixture.sizes)[:-1])))
-        datasets = [(name, [train_rows[i] for i in part]) for name, part in datasets]
+        parts = zip(mixture.names, mixture.offsets, mixture.sizes)
+        datasets = [(name, train_rows[first : first + size]) for name, first, size in parts]
         mixture = mixture if len(mixture.sizes) > 1 else None
     else:
         datasets = [("training", train_rows)]

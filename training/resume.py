@@ -126,7 +126,8 @@ def checkpoint_to_resume(
     if path is None:
         raise FileNotFoundError(f"--resume: {output} has no complete checkpoint-STEP directory; drop --resume")
     state = json.loads((path / STATE_FILE).read_text())
-    saved, current = state["stage"], dataclasses.asdict(stage)
+    # `datasets` came later: a checkpoint written before it had none in its stage.
+    saved, current = {"datasets": [], **state["stage"]}, dataclasses.asdict(stage)
     changed = sorted(
         k for k in current if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(current[k])
     )
