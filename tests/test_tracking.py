@@ -59,6 +59,31 @@ def test_tensorboard_event_files_hold_the_metrics_of_every_logged_step(tiny_conf
     assert (out / "loss.png").stat().st_size > 0  # the plot stays
 
 
+def test_a_resumed_run_replaces_the_points_a_killed_run_logged_past_its_checkpoint(tiny_config, shapes, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+
+    def run(max_steps, resume=False):
+        stage = load_stage("align", {**SETTINGS, "max_steps": max_steps, "save_every": 2})
+        torch.manual_seed(0)
+        model = model_for_stage(stage, config=tiny_config, device="cpu")
+        train(model, stage, read_rows(shapes["train_captions"], shapes["images"]), out, resume=resume,
+              feature_cache=tmp_path / "cache", show_progress=False, report_to="tensorboard")  # fmt: skip
+
+    run(3)  # logs steps 1-3; "killed" before step 3's checkpoint:
+    shutil.rmtree(out / "checkpoint-3")
+    with (out / "metrics.jsonl").open() as f:
+        killed = [json.loads(line)["loss"] for line in f]
+    run(4, resume=True)  # from checkpoint-2: steps 3 and 4 again
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[:2] == killed[:2] and len(losses) == 4
+    # Each step once in the dashboard, with the resumed run's values: the killed run's step 3 is gone.
+    assert _events(out / "logs")["train/loss"] == [
+        (s, pytest.approx(v, rel=1e-6)) for s, v in zip([1, 2, 3, 4], losses)
+    ]
+
+
 def test_report_to_choices(tmp_path):
     assert trackers("none") == [] and trackers("tensorboard") == ["tensorboard"]
     assert trackers("auto") == ["tensorboard"]  # installed here (a base dependency)

@@ -43,8 +43,8 @@ def start(accelerator: Accelerator, stage, output: Path, first_step: int) -> Non
         return
     hparams = {k: v for k, v in dataclasses.asdict(stage).items() if isinstance(v, (bool, int, float, str))}
     init_kwargs = {"wandb": {"dir": str(output), "name": output.name, "resume": "allow"}}
-    if first_step:
-        init_kwargs["tensorboard"] = {"purge_step": first_step}
+    if first_step:  # steps up to the checkpoint's stay (as in metrics.jsonl); those after it are redone
+        init_kwargs["tensorboard"] = {"purge_step": first_step + 1}
     accelerator.init_trackers(stage.name, config=hparams, init_kwargs=init_kwargs)
 
 
