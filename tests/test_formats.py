@@ -210,3 +210,20 @@ def test_mllm_data_convert_command(shapes, tmp_path, capsys):
     ]
     assert main(args) == 2
     assert "line 1: 2 <image> placeholder(s) but 1 image(s)" in capsys.readouterr().err
+
+
+def test_openai_rows_in_parquet_read_as_the_llava_rows(shapes, tmp_path):
+    """OpenAI rows as a `datasets` table: Arrow gives every part every field (None where absent), dropped on read."""
+    import datasets
+
+    convert(shapes["train"], tmp_path / "rows.jsonl", "openai", shapes["images"], embed=True)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    for row in rows:  # one Arrow type per column: every content a list of parts
+        for message in row["messages"]:
+            if isinstance(message["content"], str):
+                message["content"] = [{"type": "text", "text": message["content"]}]
+    datasets.Dataset.from_list([{"id": r["id"], "messages": r["messages"]} for r in rows]).to_parquet(
+        tmp_path / "o.parquet"
+    )
+    got = read_rows(tmp_path / "o.parquet", None)
+    assert _seen(got) == _seen(read_rows(shapes["train"], shapes["images"]))
