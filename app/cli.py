@@ -1,10 +1,10 @@
 """The `mllm` command: `COMMANDS` maps each name to a function that parses its flags and calls the library.
 
-chat (a terminal chat, below), data validate / synth / views / photos, train and eval (the training package's
-commands), convert and export (mllm.interop; `export --format gguf`: mllm.gguf_export), ui (app.ui's Gradio app)
-and api (app.api's HTTP server). All are built on mllm.commandline: a user error (a bad flag, a missing or
-unreadable image, a model that does not load) prints one line on stderr and exits with status 2, never argparse's
-usage dump or a traceback.
+chat (a terminal chat, below), data validate / convert / synth / views / photos, train and eval (the training
+package's commands), convert and export (mllm.interop; `export --format gguf`: mllm.gguf_export), ui (app.ui's
+Gradio app) and api (app.api's HTTP server). All are built on mllm.commandline: a user error (a bad flag, a missing
+or unreadable image, a model that does not load) prints one line on stderr and exits with status 2, never
+argparse's usage dump or a traceback.
 Each command imports what it runs when it runs: `mllm --help` loads neither Gradio, FastAPI nor the training package.
 """
 
@@ -131,10 +131,16 @@ def _interactive(session, pending: list) -> int:
 
 # ---- the training package's commands --------------------------------------------------------------
 def cmd_data(argv: list[str]) -> int:
-    """`mllm data validate ...` / `mllm data synth ...` / `mllm data views ...` / `mllm data photos ...`."""
-    from training import photo_eval, synth, synth_views, validate
+    """`mllm data validate | convert | synth | views | photos ...`."""
+    from training import formats, photo_eval, synth, synth_views, validate
 
-    subcommands = {"validate": validate.main, "synth": synth.main, "views": synth_views.main, "photos": photo_eval.main}
+    subcommands = {
+        "validate": validate.main,
+        "convert": formats.main,
+        "synth": synth.main,
+        "views": synth_views.main,
+        "photos": photo_eval.main,
+    }
     if not argv or argv[0] not in subcommands:
         raise UsageError(f"mllm data: choose a subcommand: {', '.join(subcommands)}")
     return subcommands[argv[0]](argv[1:])

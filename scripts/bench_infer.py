@@ -145,7 +145,7 @@ def bench_follow_up(model, image, repeats):
 def test_rows(n_questions: int, directory: str):
     """The first `n_questions` held-out test questions of the demo's data (seed 0): the split of an image
     depends on its index only, so a smaller dataset holds the same first test questions."""
-    from training.data import read_rows
+    from training.formats import read_rows
     from training.synth import write_dataset
 
     n_images = 400

@@ -55,8 +55,8 @@ def speed(model, input_ids, features, n_tokens: int, repeats: int) -> tuple[floa
 def measure(args) -> dict:
     """One load, in this process: the figures of `args.only`."""
     hf_logging.disable_progress_bar()
-    from training.data import read_rows
     from training.evaluate import evaluate
+    from training.formats import read_rows
     from training.synth import write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,8 +49,9 @@ from transformers.utils import logging as hf_logging
 from mllm.config import LLMConfig, MLLMConfig, VisionConfig
 from mllm.model import MLLM
 from mllm.tiny import build_clip, build_llama, build_tokenizer
-from training.data import ConversationDataset, Row, read_rows
+from training.data import ConversationDataset, Row
 from training.feature_cache import FeatureCache
+from training.formats import read_rows
 from training.loop import train
 from training.stage_config import StageConfig, load_stage
 from training.stage_model import model_for_stage

@@ -15,8 +15,8 @@ import pytest
 from conftest import readme_figures
 
 from mllm.loading import BUILTIN, DEMO_DIR
-from training.data import read_rows
 from training.evaluate import evaluate
+from training.formats import read_rows
 from training.synth import scene_rng, write_dataset
 from training.synth_scene import make_scene, render
 

@@ -12,7 +12,7 @@ from PIL import Image
 from app.engine import ChatEngine
 from app.scheduling import ChatError, QueueFull
 from mllm.generation import GenerationConfig
-from training.data import read_rows
+from training.formats import read_rows
 
 LONG = GenerationConfig(max_new_tokens=40, ignore_eos=True)  # a fixed length: cancel has room to cut it
 SHORT = GenerationConfig(max_new_tokens=6)

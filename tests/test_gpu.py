@@ -135,7 +135,7 @@ def shapes(tmp_path):
 
 def _train(tiny_config, shapes, tmp_path, stage_name: str, on_model=None, **settings):
     """A short run of `stage_name` on the shapes world on CUDA; `on_model(model)` sees the model before it."""
-    from training.data import read_rows
+    from training.formats import read_rows
     from training.loop import train
     from training.stage_config import load_stage
     from training.stage_model import model_for_stage

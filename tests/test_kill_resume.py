@@ -145,8 +145,8 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
 
 
 # Instruction tuning with LoRA dropout on, 2 micro-batches a step, warmup and cosine decay: a resume must bring
-# back the weights, the optimizer, the RNG (the dropout masks) and the data position. A checkpoint every step, so
-# the kills land in checkpoint writes as well as in steps.
+# back the weights, the optimizer, the RNG (the dropout masks) and the data position in a mixture of two datasets.
+# A checkpoint every step, so the kills land in checkpoint writes as well as in steps.
 TRAIN_SETTINGS = {
     "llm": "lora",
     "llm_lr": 1e-2,
@@ -156,7 +156,7 @@ TRAIN_SETTINGS = {
     "lora_dropout": 0.1,
     "per_device_batch_size": 2,
     "global_batch_size": 4,
-    "epochs": 10,  # 11 rows, 4 a step: 2 steps an epoch (the rest dropped), STEPS in all (~0.1 s each)
+    "epochs": 4,  # a mixture of 11 + 11 rows, 4 a step: 5 steps an epoch (the rest dropped), STEPS in all (~0.1 s each)
     "warmup_ratio": 0.2,
     "max_length": 256,
     "save_every": 1,
@@ -170,7 +170,8 @@ def _checkpoints(output: Path) -> list[int]:
 
 def _metrics(output: Path) -> list[dict]:
     rows = [json.loads(line) for line in _lines(output / "metrics.jsonl")]
-    return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in rows]  # the speed is the clock's
+    clock = {"samples_per_s", "tokens_per_s", "cpu_memory_gib", "gpu_memory_gib"}  # the clock's and the process's
+    return [{k: v for k, v in row.items() if k not in clock} for row in rows]
 
 
 def _logged_steps(output: Path) -> list[int]:
@@ -195,7 +196,9 @@ def test_train_killed_three_times_with_sigkill_resumes_to_the_uninterrupted_weig
     config = tmp_path / "model_config.json"
     tiny_config.save(config)
     sets = [arg for key, value in TRAIN_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
-    args = ["train", "--stage", "instruct", "--data", str(shapes["train"]), "--image-folder", str(shapes["images"]),
+    # Two datasets sampled 0.7 / 0.3 (training.mixture): the weighted draw must resume exactly too.
+    data = ["--data", f"{shapes['train']}:0.7", "--data", f"{shapes['train_captions']}:0.3"]
+    args = ["train", "--stage", "instruct", *data, "--image-folder", str(shapes["images"]),
             "--model-config", str(config), "--feature-cache", "none", "--quiet", *sets]  # fmt: skip
     whole = tmp_path / "whole"
     _finish(_start(*args, "--output", str(whole), log=tmp_path / "whole.log"), tmp_path / "whole.log")

@@ -19,8 +19,9 @@ from mllm import assembly
 from mllm.checkpoint import load_pretrained
 from mllm.config import LLMConfig
 from training.batches import Collator, Samples, StepBatches
-from training.data import ConversationDataset, DataError, read_rows
+from training.data import ConversationDataset, DataError
 from training.feature_cache import FeatureCache
+from training.formats import read_rows
 from training.loop import TrainStep, train
 from training.precision import cpu_has_fast_bf16, use_bf16
 from training.stage_config import load_stage

@@ -18,6 +18,7 @@ from mllm.image_processing import ImageError
 from mllm.processor import IGNORE_INDEX, Processor
 from training.data import ConversationDataset, DataError, Row
 from training.feature_cache import FeatureCache
+from training.mixture import Mixture
 from training.stage_config import StageConfig
 
 
@@ -37,13 +38,16 @@ class StepBatches(torch.utils.data.Sampler):
     permutation is sorted by row length before it is cut, and the batches are then shuffled (the
     `group_by_modality_length` idea of LLaVA): rows of one batch have similar lengths, so little of
     each step is padding. Everything depends on (seed, epoch) only, so `--resume` and DDP see the
-    same batches.
+    same batches. With a `mixture` of several datasets, the epoch's rows are its weighted draw
+    (`training.mixture`) from the same generator instead of a permutation.
     """
 
     GROUP_BATCHES = 16
 
-    def __init__(self, lengths: list[int], stage: StageConfig, world: int, rank: int, start: int, end: int) -> None:
+    def __init__(self, lengths: list[int], stage: StageConfig, world: int, rank: int, start: int, end: int,
+                 mixture: Mixture | None = None) -> None:  # fmt: skip
         self.lengths, self.stage, self.world, self.rank = np.asarray(lengths), stage, world, rank
+        self.mixture = mixture
         self.start, self.end = start, end
         self.accum = stage.gradient_accumulation(world)
         self.steps_per_epoch = len(lengths) // stage.global_batch_size
@@ -55,7 +59,8 @@ class StepBatches(torch.utils.data.Sampler):
         """(steps_per_epoch, global_batch_size) row indices of one epoch."""
         rng = np.random.default_rng([self.stage.seed, epoch])
         size = self.stage.global_batch_size
-        perm = rng.permutation(len(self.lengths))[: self.steps_per_epoch * size]
+        order = self.mixture.draw(rng) if self.mixture is not None else rng.permutation(len(self.lengths))
+        perm = order[: self.steps_per_epoch * size]
         if not self.stage.group_by_length:
             return perm.reshape(self.steps_per_epoch, size)
         group = size * self.GROUP_BATCHES

@@ -140,22 +140,6 @@ def _resolve(name: str, image: str, folder: str | Path | None) -> Path:
     return path
 
 
-def read_rows(path: str | Path, image_folder: str | Path | None) -> list[Row]:
-    """Every row, or a DataError listing the first bad ones (run `mllm data validate` for all)."""
-    rows, errors = [], []
-    for where, record in read_records(path):
-        try:
-            if isinstance(record, Exception):
-                raise record
-            rows.append(parse_row(where, record, image_folder))
-        except DataError as e:
-            errors.append(str(e))
-    if errors:
-        shown = "\n  ".join(errors[:5])
-        raise DataError(f"{path}: {len(errors)} bad row(s); run `mllm data validate` for all of them:\n  {shown}")
-    return rows
-
-
 class ConversationDataset(torch.utils.data.Dataset):
     """Rows -> Encoded samples (truncated to the processor's max_length, images kept as paths).
 

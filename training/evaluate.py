@@ -19,7 +19,8 @@ from mllm.batching import Batcher
 from mllm.commandline import Parser, UsageError, add_model_args, quantization, run
 from mllm.errors import MLLMError
 from mllm.generation import GenerationConfig, Reply, generate, image_features
-from training.data import DataError, read_rows
+from training.data import DataError
+from training.formats import read_rows
 from training.photo_eval import photo_correct
 from training.scoring import mme_scores, normalize_answer, pope_scores, vqa_accuracy, vqa_scores
 

@@ -74,14 +74,18 @@ class FeatureCache:
         return [i for i in unique if not self.file_for(i).is_file()]
 
     @torch.no_grad()
-    def precompute(self, images: list[Path], batch_size: int = 32, show_progress: bool = True) -> int:
+    def precompute(
+        self,
+        images: list[Path],
+        batch_size: int = 32,
+        show_progress: bool = True,
+        desc: str = "caching vision features",
+    ) -> int:
         """Run the tower on `images` (in eval mode, as training sees a frozen tower); returns how many."""
         was_training = self.vision.training
         self.vision.eval()
         try:
-            for start in tqdm(
-                range(0, len(images), batch_size), desc="caching vision features", disable=not show_progress
-            ):
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress):
                 chunk = images[start : start + batch_size]
                 features = self.vision(self.image_processor(chunk))  # (b, N_v, D_v)
                 for image, feature in zip(chunk, features):

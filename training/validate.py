@@ -1,4 +1,5 @@
-"""`mllm data validate`: check every row of a LLaVA JSON / JSONL file and name each bad one.
+"""`mllm data validate`: check every row of a dataset (LLaVA, ShareGPT, OpenAI or `datasets`; `training.formats`)
+and name each bad one.
 
 `training.data` stops a row at its first problem (training only needs yes / no); here every row is
 walked and each of its problems becomes one line `<id | line N | row N>: <reason>`, so a dataset
@@ -20,7 +21,9 @@ from mllm.commandline import Parser, UsageError, run
 from mllm.image_processing import ImageError, load_image
 from mllm.loading import load_processor
 from mllm.processor import Processor
-from training.data import ROLE_OF, DataError, _resolve, parse_row, read_records
+from training.data import ROLE_OF, DataError, _resolve, parse_row
+from training.formats import READERS, load_records
+from training.mixture import parse_source
 
 PLACEHOLDER = "<image>"  # LLaVA data's placeholder, whatever token the model expands it to
 EXIT_OK, EXIT_BAD = 0, 1  # usage errors: mllm.commandline's EXIT_USAGE (2)
@@ -61,6 +64,8 @@ class Report:
     """Supervised tokens / tokens of each encoded row after truncation."""
     truncated: int = 0
     max_length: int | None = None
+    format: str = "llava"
+    """The rows' format (`training.formats`), as detected or given."""
 
     @property
     def ok(self) -> bool:
@@ -79,7 +84,8 @@ class Report:
         return statistics.fmean(self.shares) if self.shares else 0.0
 
     def summary(self) -> str:
-        text = f"checked {self.rows_total} rows: "
+        kind = "" if self.format == "llava" else f"{self.format} "  # LLaVA is the default: said only otherwise
+        text = f"checked {self.rows_total} {kind}rows: "
         if self.rows_bad:
             counts = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
             text += f"{self.rows_bad} bad ({counts})"
@@ -104,8 +110,10 @@ def validate(
     processor: Processor | None = None,
     max_length: int | None = None,
     min_supervised_share: float = 0.0,
+    format: str | None = None,
 ) -> Report:
-    """Check every row of `path`; token checks need a `processor` (`max_length` overrides its own limit).
+    """Check every row of `path` (any `training.formats` format: `format`, or detected from the rows); token
+    checks need a `processor` (`max_length` overrides its own limit).
 
     Raises FileNotFoundError for a missing file and DataError when a .json file is not a JSON list.
     """
@@ -120,8 +128,10 @@ def validate(
         full.max_length = None
         cut.max_length = max_length if max_length is not None else processor.max_length
     report = Report(max_length=cut.max_length if cut is not None else None)
-    checker = _RowChecker(image_folder, full, cut, min_supervised_share, report)
-    for where, record in read_records(path):
+    records = load_records(path, image_folder, format)
+    report.format = records.format
+    checker = _RowChecker(records.image_folder, full, cut, min_supervised_share, report)
+    for where, record in records.items:
         report.rows_total += 1
         problems = checker.check(where, record)
         if problems:
@@ -142,8 +152,11 @@ class _RowChecker:
 
     def check(self, where: str, record) -> list[tuple[str, str, str]]:
         """(name, reason, kind) for every problem of one record."""
-        if isinstance(record, Exception):
-            return [(where, _strip(where, str(record)), "invalid JSON")]
+        if isinstance(record, Exception):  # unparsable JSON, or a row its format's reader could not read
+            reason = str(record)
+            name = reason.split(": ", 1)[0] if ": " in reason else where
+            kind = "invalid JSON" if "invalid JSON" in reason else f"bad {self.report.format} row"
+            return [(name, _strip(name, reason), kind)]
         if not isinstance(record, dict):
             return [(where, f"a row must be a JSON object, got {type(record).__name__}", "not an object")]
         name = str(record["id"]) if "id" in record else where
@@ -242,8 +255,14 @@ def _count_placeholders(turns) -> int:
 
 # ---- command line -------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="mllm data validate", description="Check a LLaVA JSON / JSONL file and name every bad row.")
-    p.add_argument("data", help="a .json list of rows or a .jsonl file with one row a line")
+    p = Parser(prog="mllm data validate", description="Check a dataset (any format) and name every bad row.")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="a .json list of rows, a .jsonl file, a `datasets` folder or .parquet file(s); several: a mixture's "
+        "datasets, each checked and reported on its own (a PATH:WEIGHT as --data takes it is read as PATH)",
+    )
+    p.add_argument("--format", choices=READERS, default=None, help="the rows' format (default: detected)")
     p.add_argument("--image-folder", default=None, help="folder the rows' image paths are relative to")
     p.add_argument(
         "--model",
@@ -273,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if not Path(args.data).is_file():
-        raise UsageError(f"mllm data validate: data file {args.data} does not exist")
+    sources = [parse_source(entry) for entry in args.data]
+    for source in sources:
+        if not Path(source.path).exists():
+            raise UsageError(f"mllm data validate: data file {source.path} does not exist")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         raise UsageError(f"mllm data validate: image folder {args.image_folder} does not exist")
     if args.max_length is not None and args.max_length <= 0:
@@ -284,15 +305,23 @@ def _main(argv: list[str]) -> int:
     # Token lengths need a tokenizer: --max-length alone counts with the default model's.
     name = args.model if args.model is not None else "default" if args.max_length is not None else None
     processor = _load_processor(name) if name is not None else None
-    try:
-        report = validate(args.data, args.image_folder, processor, args.max_length, args.min_supervised_share)
-    except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
-        print(str(e))
-        return EXIT_BAD
-    for where, reason in report.problems:
-        print(f"{where}: {reason}")
-    print(report.summary())
-    return EXIT_OK if report.ok else EXIT_BAD
+    ok = True
+    for source in sources:
+        # Several datasets: each line starts with its file, so a problem is found in the right one.
+        head = f"{source.path}: " if len(sources) > 1 else ""
+        try:
+            report = validate(
+                source.path, args.image_folder, processor, args.max_length, args.min_supervised_share, args.format
+            )
+        except DataError as e:  # a .json file that is not a JSON list: nothing row by row to report
+            print(str(e))
+            ok = False
+            continue
+        for where, reason in report.problems:
+            print(f"{head}{where}: {reason}")
+        print(head + report.summary())
+        ok = ok and report.ok
+    return EXIT_OK if ok else EXIT_BAD
 
 
 def _load_processor(name: str) -> Processor:
