@@ -3,7 +3,7 @@
 The built-in model's tower is the real ImageNet EfficientNet-Lite0, and its ImageNet classifier (`_fc`, global
 average pool -> 1000 classes) is good on real photos. No captioned photos exist offline, so nothing could
 learn to map the tower's features of a real photo to words. The classifier already does: `ClassifierView`
-turns its top classes into text ("sure: cheetah 73%, leopard 14%, jaguar 11%"), left-padded to a fixed `num_tokens`,
+turns its top classes into text ("sure: cheetah, leopard, jaguar"), left-padded to a fixed `num_tokens`,
 and embeds that text with the LLM's own embedding table; those embeddings follow the connector's image tokens
 in every image slot. The mapping from classifier to LLM is the LLM's own vocabulary, not learned; what the
 LLM learns (`training/synth_views.py`) is to read it: name the object when the classifier is sure, give its
@@ -54,8 +54,17 @@ def confidence(view: View) -> str:
 
 
 def view_text(view: View) -> str:
-    """'sure: cheetah 73%, leopard 14%': what the LLM reads."""
-    return f"{confidence(view)}: " + ", ".join(f"{name} {round(100 * p)}%" for name, p in view)
+    """'sure: cheetah, leopard, jaguar': what the LLM reads. The confidence word carries the probabilities: printed
+    percentages cost three tokens each (one per digit), and every token here is prefilled with every image."""
+    return f"{confidence(view)}: " + ", ".join(name for name, _ in view)
+
+
+def fit_view(view: View, tokenizer, slots: int) -> View:
+    """`view` less its last classes until its text fits `slots` tokens (the first class always stays): what the
+    LLM reads, so what a training row's answer may name (`training/synth_views.py`)."""
+    while len(view) > 1 and len(tokenizer.encode(view_text(view), add_special_tokens=False)) > slots:
+        view = view[:-1]
+    return view
 
 
 class ClassifierView(nn.Module):
@@ -90,12 +99,10 @@ class ClassifierView(nn.Module):
         return out
 
     def ids(self, view: View) -> list[int]:
-        """The view's text as exactly `num_tokens` ids: classes that do not fit are left out, padding on the left."""
-        while True:
-            ids = self.tokenizer.encode(view_text(view), add_special_tokens=False)
-            if len(ids) <= self.num_tokens or len(view) == 1:
-                break
-            view = view[:-1]
+        """The view's text as exactly `num_tokens` ids (`fit_view`), padding on the left."""
+        ids = self.tokenizer.encode(
+            view_text(fit_view(view, self.tokenizer, self.num_tokens)), add_special_tokens=False
+        )
         ids = ids[: self.num_tokens]  # one class longer than the slots: the confidence word and name's start kept
         return [self.filler] * (self.num_tokens - len(ids)) + ids
 

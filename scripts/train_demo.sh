@@ -83,12 +83,13 @@ model_config() {  # connector-kind pool queries [more connector fields]
 EOF
 }
 
-with_view() {  # checkpoint copy: `checkpoint` with the classifier's view switched on (24 word tokens per image)
+VIEW_SLOTS=10  # the classifier's view: word tokens per image (mllm.classifier_view)
+with_view() {  # checkpoint copy: `checkpoint` with the classifier's view switched on (VIEW_SLOTS words per image)
     [ -f "$2/mllm_config.json" ] && return
     rm -rf "$2" && cp -r "$1" "$2" && rm -rf "$2"/checkpoint-*
     "$PYTHON" -c "import sys; from mllm.config import MLLMConfig
-c = MLLMConfig.load(sys.argv[1]); v = c.vision.__class__(**{**c.vision.__dict__, 'classifier_view': 24})
-c.replace(vision=v, tokens_per_image=c.tokens_per_image - c.vision.classifier_view + 24).save(sys.argv[1])" "$2/mllm_config.json"
+c = MLLMConfig.load(sys.argv[1]); n = int(sys.argv[2]); v = c.vision.__class__(**{**c.vision.__dict__, 'classifier_view': n})
+c.replace(vision=v, tokens_per_image=c.tokens_per_image - c.vision.classifier_view + n).save(sys.argv[1])" "$2/mllm_config.json" "$VIEW_SLOTS"
 }
 
 train() {  # stage output [extra args...]
@@ -139,10 +140,10 @@ for variant in $VARIANTS; do
         photos_from=${PHOTOS_FROM:-$final}
         with_view "$photos_from" "$run/photos-init"
         [ -f "$DATA/views.json" ] || $MLLM data views "$DATA/train_qa.json" "$DATA/views.json" \
-            --views "${PHOTO_ROWS:-1400}" --shapes-rows "${PHOTO_ROWS:-1400}" --seed "$SEED"
+            --views "${PHOTO_ROWS:-1500}" --shapes-rows "${PHOTO_ROWS:-1000}" --slots "$VIEW_SLOTS" --seed "$SEED"
         train instruct "$run/photos" --init "$run/photos-init" --data "$DATA/views.json" --set connector=frozen \
-            --set llm_lr=2e-4 --set per_device_batch_size=8 --set global_batch_size=8 \
-            --set "total_steps=${PHOTO_STEPS:-160}" --set warmup_ratio=0.05 --set save_every=40
+            --set llm_lr=3e-4 --set per_device_batch_size=8 --set global_batch_size=8 \
+            --set "total_steps=${PHOTO_STEPS:-300}" --set warmup_ratio=0.05 --set save_every=40
         final=$run/photos
         if [ "$EVAL_LIMIT" -gt 0 ]; then
             $MLLM data photos "$OUT/photos"

@@ -45,7 +45,7 @@ def test_train_demo_smoke_run(tmp_path):
     assert (tmp_path / "demo" / "untrained" / "mllm_config.json").is_file()
     # Stage 3 (real photos): the classifier's view switched on, trained on the views mixture, the variant's final.
     photos = json.loads((run / "photos" / "mllm_config.json").read_text())
-    assert photos["vision"]["classifier_view"] == 24 and photos["tokens_per_image"] == 9 + 24
+    assert photos["vision"]["classifier_view"] == 10 and photos["tokens_per_image"] == 9 + 10
     views = json.loads((tmp_path / "demo" / "data" / "views.json").read_text())
     assert sum("classifier_view" in row for row in views) == 16
     assert (run / "final").read_text().strip() == str(run / "photos")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mllm.classifier_view import MIN_SHARE, confidence, imagenet_labels
+from mllm.classifier_view import MIN_SHARE, confidence, fit_view, imagenet_labels
 
 QUESTIONS = (
     "What is in this picture?",
@@ -72,7 +72,9 @@ def neighbours(classifier_weight: torch.Tensor, k: int = NEIGHBOURS) -> torch.Te
 
 def draw_view(rng: random.Random, top: int, near: torch.Tensor, labels: list[str]) -> list[tuple[str, float]]:
     """A view like a real photo's: the top class at a probability from sure to lost, two neighbours below it."""
-    p1 = rng.uniform(0.5, 0.97) if rng.random() < 0.55 else rng.uniform(0.06, 0.5)
+    # Each of the three answers (sure / maybe / unsure: `mllm.classifier_view.confidence`) a third of the time:
+    # with most rows sure, a small LLM learns "This looks like" and never hedges.
+    p1 = rng.uniform(*rng.choice([(0.5, 0.97), (0.25, 0.5), (0.06, 0.25)]))
     others = rng.sample(near[top].tolist(), 2)
     rest = 1 - p1
     p2 = min(p1 * rng.uniform(0.2, 0.95), rest * rng.uniform(0.2, 0.8))
@@ -117,9 +119,13 @@ class _NoTokenizer:
         return [0]
 
 
-def write_mixture(shapes_rows: Path, out: Path, n_views: int, n_shapes: int, seed: int = 0, probe: int = 400) -> dict:
+def write_mixture(
+    shapes_rows: Path, out: Path, n_views: int, n_shapes: int, tokenizer, slots: int, seed: int = 0, probe: int = 400
+) -> dict:
     """`out`: `n_views` view rows over the shapes pictures of `shapes_rows` (LLaVA JSON) and `n_shapes` of its
-    own rows, shuffled. Returns counts and the shapes-world classes left out of the draws."""
+    own rows, shuffled. Each view is cut to what fits the model's `slots` view tokens (by its LLM's `tokenizer`),
+    so an answer never names a class the model could not read. Returns counts and the shapes-world classes left
+    out of the draws."""
     from mllm.vision import EfficientNetLite0Tower
 
     rows = json.loads(shapes_rows.read_text())
@@ -134,7 +140,7 @@ def write_mixture(shapes_rows: Path, out: Path, n_views: int, n_shapes: int, see
     mixture = []
     for i in range(n_views):
         row = rows[i % len(rows)]
-        view = draw_view(rng, rng.choice(tops), near, labels)
+        view = fit_view(draw_view(rng, rng.choice(tops), near, labels), tokenizer, slots)
         conversation = [
             {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
             {"from": "gpt", "value": answer(view)},
@@ -159,11 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the mixture to write (LLaVA JSON, images in the shapes set's folder)")
     p.add_argument("--views", type=int, default=2000, help="rows that read a classifier view")
     p.add_argument("--shapes-rows", type=int, default=2000, help="shapes-world rows kept in the mixture")
+    p.add_argument("--slots", type=int, default=10, help="the model's view tokens per image (vision.classifier_view)")
+    p.add_argument("--llm", default="smollm2-135m-instruct", help="the model's LLM (its tokenizer measures the views)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not Path(args.shapes).is_file():
         p.error(f"{args.shapes} does not exist; make one with `mllm data synth OUT` and pass OUT/train_qa.json")
-    info = write_mixture(Path(args.shapes), Path(args.out), args.views, args.shapes_rows, args.seed)
+    from mllm.llm import load_tokenizer
+
+    tokenizer = load_tokenizer(args.llm)
+    info = write_mixture(
+        Path(args.shapes), Path(args.out), args.views, args.shapes_rows, tokenizer, args.slots, args.seed
+    )
     print(f"wrote {args.out}: {info['views']} view rows, {info['shapes']} shapes rows")
     print(f"shapes-world classes never drawn as a photo's top class: {', '.join(info['excluded'])}")
     return 0
