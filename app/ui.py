@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
-from importlib import resources
 from pathlib import Path
 
 import gradio as gr
@@ -44,7 +43,7 @@ NOTHING_TO_EXPORT = "nothing to export yet: ask something and get an answer firs
 
 
 def make_examples(directory: Path) -> list[dict]:
-    """Shapes-world scenes and real photos (gradio's, and scikit-image's when installed), saved as PNG."""
+    """Shapes-world scenes (always) and real photos from scikit-image (when installed), saved as PNG."""
     directory.mkdir(parents=True, exist_ok=True)
     shapes = []
     for seed in (3, 7, 11):
@@ -55,18 +54,17 @@ def make_examples(directory: Path) -> list[dict]:
         {"text": "How many objects are in this picture?", "files": shapes[1:2]},
         {"text": "Which of these two pictures has more objects?", "files": shapes[1:3]},
     ]
-    # Real photos, with the question the built-in model answers from its classifier's view
-    # (mllm.classifier_view): gradio's (always installed) and scikit-image's (a dev dependency) where present.
-    photos = [("gradio", "media_assets/images/cheetah.jpg"), ("gradio", "media_assets/images/lion.jpg")]
-    photos += [("skimage", "data/chelsea.png"), ("skimage", "data/coffee.png")]
-    for package, inner in photos:
-        try:
-            with resources.as_file(resources.files(package) / inner) as source:
-                target = directory / f"{Path(inner).stem}.png"
-                Image.open(source).convert("RGB").save(target)
-        except (ModuleNotFoundError, FileNotFoundError):
-            continue
-        examples.append({"text": "What is in this picture?", "files": [str(target)]})
+    try:
+        from skimage import data  # a dev dependency: the photo examples are a bonus
+    except ImportError:
+        return examples
+    for name, question in [
+        ("chelsea", "What animal is this?"),
+        ("coffee", "What is on the table?"),
+        ("astronaut", "Describe this photo."),
+    ]:
+        Image.fromarray(getattr(data, name)()).save(directory / f"{name}.png")
+        examples.append({"text": question, "files": [str(directory / f"{name}.png")]})
     return examples
 
 

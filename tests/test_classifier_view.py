@@ -183,3 +183,15 @@ def test_a_drawn_view_is_cut_to_what_the_model_reads_so_answers_never_name_more(
         assert view[0][0] in said and not [name for name, _ in drawn[len(view) :] if name in said and name not in kept]
         cut += len(view) < len(drawn)
     assert cut > 20  # long names really are cut
+
+
+def test_pictures_of_no_world_are_textured_and_reproducible():
+    import numpy as np
+
+    from training.synth_views import texture
+
+    for seed in range(5):  # each kind once
+        image = texture(seed, size=64)
+        pixels = np.asarray(image).reshape(-1, 3)
+        assert image.size == (64, 64) and len(np.unique(pixels, axis=0)) > 200  # never a few flat colours
+        assert np.array_equal(np.asarray(texture(seed, size=64)), np.asarray(image))

@@ -27,6 +27,7 @@ def test_train_demo_smoke_run(tmp_path):
         N="40",
         STEPS="1",
         VARIANTS="mlp",
+        PHOTOS="1",  # the real-photo stage too (off by default: it does not keep the shapes world yet)
         EVAL_LIMIT_SMOKE="0",
         OUT=str(tmp_path / "demo"),
         MLLM=f"{sys.executable} -m app.cli",
@@ -48,6 +49,8 @@ def test_train_demo_smoke_run(tmp_path):
     assert photos["vision"]["classifier_view"] == 10 and photos["tokens_per_image"] == 9 + 10
     views = json.loads((tmp_path / "demo" / "data" / "views.json").read_text())
     assert sum("classifier_view" in row for row in views) == 16
+    asked = [row for row in views if row["id"].startswith("shapes-asked-")]  # shapes pictures, the views' questions
+    assert len(asked) == 8 and all(row["conversations"][1]["value"].startswith("There ") for row in asked)
     assert (run / "final").read_text().strip() == str(run / "photos")
 
 

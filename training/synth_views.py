@@ -9,12 +9,14 @@ follow a cheetah), a question about what the picture shows, and the answer that 
     maybe (>= 25%)     "It may be a cheetah, or perhaps a leopard; I am not sure."
     unsure (< 25%)     "I am not sure what this shows. My best guesses: cheetah, leopard or jaguar."
 
-The picture under the view is a shapes-world one on purpose: the model cannot tell the two kinds of rows
-apart by the picture, only by the view, so it learns to read the view. Shapes-world pictures keep their own
+Half the views lie over a shapes-world picture, so that the model must read the view, and half over a
+picture of no world (`texture`: noise, stripes, blobs), so that what is not a shapes scene reads the view too
+(with shapes pictures alone, the views' questions about shapes pictures went to the view as well). Shapes-world pictures keep their own
 view (the classifier reads them as envelopes, balls and clocks: `shapes_world_classes`), and the classes the
 classifier gives them are never drawn as a photo's top class: a view of those still means a shapes scene.
 The mixture written here holds both kinds of rows, so the shapes skill is trained alongside (nothing is
-forgotten). `mllm data views` writes it.
+forgotten), and shapes pictures asked the same questions, answered with their captions (`train_captions.json`
+beside the shapes rows): the view alone must decide which world a picture is from. `mllm data views` writes it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,47 @@ QUESTIONS = (
     "Can you tell what this is?",
 )
 NEIGHBOURS = 8  # the second and third classes come from the top class's nearest classes
+
+
+def texture(seed: int, size: int = 224):
+    """A picture of no world: coloured noise, stripes, soft blobs, blocks or gradients (never flat shapes on a
+    plain background), the picture under a drawn view."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+
+    def noise(octaves: int) -> np.ndarray:  # (size, size, 3) in [0, 1]: value noise, octaves summed
+        out = np.zeros((size, size, 3))
+        for o in range(octaves):
+            grid = (rng.random((2 ** (o + 2),) * 2 + (3,)) * 255).astype(np.uint8)
+            out += np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC)) / 255 / 2**o
+        return (out - out.min()) / (np.ptp(out) + 1e-9)
+
+    x, y = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size))
+    kind = seed % 5
+    if kind == 0:
+        a = noise(int(rng.integers(3, 7)))
+    elif kind == 1:
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 30)
+        wave = np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + 6 * noise(3)[..., 0])[..., None]
+        a = (wave + 1) / 2 * rng.random(3) + (1 - wave) / 2 * rng.random(3)
+    elif kind == 2:
+        a = np.zeros((size, size, 3)) + rng.random(3)
+        for _ in range(int(rng.integers(5, 40))):
+            cx, cy, s = rng.random(), rng.random(), rng.uniform(0.02, 0.25)
+            m = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))[..., None]
+            a = a * (1 - m) + m * rng.random(3)
+        a = np.clip(a + 0.1 * noise(6) - 0.05, 0, 1)
+    elif kind == 3:
+        blocks = (rng.random((int(rng.integers(4, 40)),) * 2 + (3,)) * 255).astype(np.uint8)
+        image = Image.fromarray(blocks).resize((size, size), Image.NEAREST)
+        a = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 6)))) / 255
+    else:
+        c = rng.random((3, 3))
+        a = x[..., None] * c[0] + y[..., None] * c[1] + (1 - x[..., None]) * c[2]
+        a = np.clip(a / a.max() + rng.uniform(0.05, 0.4) * (noise(7) - 0.5), 0, 1)
+    return Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8))
 
 
 def article(name: str) -> str:
@@ -138,9 +181,16 @@ def write_mixture(
     excluded = shapes_world_classes(classify([folder / r["image"] for r in sample]))
     tops = [c for c in range(len(labels)) if c not in excluded]
     mixture = []
+    textures = folder / "textures"
+    textures.mkdir(exist_ok=True)
     for i in range(n_views):
         row = rows[i % len(rows)]
         view = fit_view(draw_view(rng, rng.choice(tops), near, labels), tokenizer, slots)
+        image = row["image"]
+        if i % 2:  # half the views over a picture of no world: what is not a shapes scene reads the view
+            image = f"textures/t{seed}-{i}.png"
+            if not (folder / image).is_file():
+                texture(seed * 100_003 + i).save(folder / image)
         conversation = [
             {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
             {"from": "gpt", "value": answer(view)},
@@ -154,9 +204,23 @@ def write_mixture(
             }
         )
     mixture += rng.sample(rows, min(n_shapes, len(rows)))
+    # The same questions about shapes pictures, answered with their captions: without these the questions the
+    # two worlds share ("What is in this image?") went to the view (a shapes picture became "This looks like an
+    # envelope" and the shapes world's `describe` fell from 99% to 34%).
+    captions_file = shapes_rows.parent / "train_captions.json"
+    if captions_file.is_file():
+        captions = json.loads(captions_file.read_text())
+        for k, row in enumerate(rng.sample(captions, min(n_shapes // 2, len(captions)))):
+            caption = row["conversations"][-1]["value"]
+            conversation = [
+                {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
+                {"from": "gpt", "value": caption},
+            ]
+            mixture.append({"id": f"shapes-asked-{k}", "image": row["image"], "conversations": conversation})
     rng.shuffle(mixture)
     out.write_text(json.dumps(mixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return {"views": n_views, "shapes": min(n_shapes, len(rows)), "excluded": sorted(labels[c] for c in excluded)}
+    shapes = len(mixture) - n_views
+    return {"views": n_views, "shapes": shapes, "excluded": sorted(labels[c] for c in excluded)}
 
 
 def main(argv: list[str] | None = None) -> int:
