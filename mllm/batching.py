@@ -232,7 +232,12 @@ class Batcher:
             if decode:
                 with self.lock:
                     started = time.perf_counter()
-                    self._step()
+                    try:
+                        self._step()
+                    except BaseException as e:  # noqa: BLE001 - the thread must live: its readers would wait forever
+                        for running in self._batch.running:
+                            self._batch.leave(running, e)
+                        self._batch.running = []
                     self.decode_s += time.perf_counter() - started
 
     def _step(self) -> None:

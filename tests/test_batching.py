@@ -347,3 +347,23 @@ def test_bitsandbytes_4bit_rows_decoded_together_keep_their_own_logits_within_1_
     assert batch.rows == []
     (figure,) = readme_figures(r"to (\d+)% of their scale with 4-bit weights")
     assert worst < int(figure) / 100, f"a row's logits are {worst:.2%} of their scale away from its own"
+
+
+def test_a_failing_step_reaches_its_readers_and_the_model_thread_lives_on(tiny_model, images):
+    """Whatever breaks inside a decode step is raised to the replies in it, never swallowed by a dead model thread
+    (whose readers would wait forever), and the next reply is decoded as usual."""
+    batcher = Batcher(tiny_model, threading.Lock())
+    encoded = tiny_model.processor.encode(
+        [{"role": "user", "content": "<image>\nhi"}], images[:1], add_generation_prompt=True
+    )
+    features = image_features(tiny_model, encoded)
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    step = batcher._step
+    batcher._step = lambda: (_ for _ in ()).throw(RuntimeError("a broken step"))
+    with pytest.raises(RuntimeError, match="a broken step"):
+        list(Reply(tiny_model, encoded.input_ids, gen, features=features, batcher=batcher))
+    batcher._step = step
+    reply = Reply(tiny_model, encoded.input_ids, gen, features=features, batcher=batcher)
+    list(reply)
+    assert len(reply.ids) == 4 and batcher._thread.is_alive()
+    batcher.close()

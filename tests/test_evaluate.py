@@ -178,7 +178,7 @@ def test_batch_size_8_gives_the_demo_model_the_same_answers_as_one_at_a_time(tmp
         """The eval's batcher, recording how many replies each decode step carries."""
 
         def _step(self):
-            widths.append(len(self._running))
+            widths.append(len(self._batch.running))
             super()._step()
 
     monkeypatch.setattr("training.evaluate.Batcher", Watched)
