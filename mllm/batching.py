@@ -145,7 +145,7 @@ class Batcher:
     @property
     def batch_size(self) -> int:
         """Replies in the batch (decoded at the last step, or joining at the next)."""
-        return len(self._running)
+        return len(self._batch.running)
 
     @property
     def queued(self) -> int:

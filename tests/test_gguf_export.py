@@ -234,9 +234,8 @@ def test_checked_clip_export_names_the_feature_difference(tiny_llama_dir, tiny_c
 def test_llava_hf_checkpoint_exports_and_answers_alike(tmp_path, tiny_llama_dir):
     """Import then export: a llava-hf directory (SigLIP tower, a LLaMA whose tokenizer adds BOS, LLaVA's
     "USER: ... ASSISTANT:" template) exported by its path; llama.cpp adds the BOS the template wrote."""
+    from test_interop import LLAVA_TEMPLATE, _llm_tokenizer, _perturb, _text_config
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor
-
-    from tests.test_interop import LLAVA_TEMPLATE, _llm_tokenizer, _perturb, _text_config
 
     directory = tmp_path / "llava-hf"
     directory.mkdir()

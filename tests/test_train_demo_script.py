@@ -50,7 +50,11 @@ def test_train_demo_smoke_run(tmp_path):
     views = json.loads((tmp_path / "demo" / "data" / "views.json").read_text())
     assert sum("classifier_view" in row for row in views) == 16
     asked = [row for row in views if row["id"].startswith("shapes-asked-")]  # shapes pictures, the views' questions
-    assert len(asked) == 8 and all(row["conversations"][1]["value"].startswith("There ") for row in asked)
+    captions = {
+        row["image"]: row["conversations"][-1]["value"]
+        for row in json.loads((tmp_path / "demo" / "data" / "train_captions.json").read_text())
+    }
+    assert len(asked) == 8 and all(row["conversations"][1]["value"] == captions[row["image"]] for row in asked)
     assert (run / "final").read_text().strip() == str(run / "photos")
 
 
