@@ -72,6 +72,21 @@ def tiny_model(tiny_config):
     return build_model(tiny_config, device="cpu").eval()
 
 
+def tiny_model_as(kind: str, tiny_config, tmp_path_factory):
+    """The tiny model as `float32` (transformers' forward) or as `cpu-default` loads it back from a checkpoint
+    (llama.cpp): the two backends the API tests serve."""
+    from mllm.checkpoint import save_pretrained
+    from mllm.loading import load_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config, device="cpu").eval()
+    if kind == "cpu-default":
+        directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
+        save_pretrained(model, directory)
+        model = load_model(str(directory), device="cpu")
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine it costs 10-20x."""

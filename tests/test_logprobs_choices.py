@@ -7,25 +7,18 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
+from conftest import tiny_model_as
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
-from mllm.assembly import build_model
-from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig
-from mllm.loading import load_model
 
 MESSAGES = [{"role": "user", "content": "what is in the picture"}]
 
 
 @pytest.fixture(scope="module", params=["float32", "cpu-default"])
 def served(request, tiny_config, tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(tiny_config, device="cpu").eval()
-    if request.param == "cpu-default":
-        directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
-        save_pretrained(model, directory)
-        model = load_model(str(directory), device="cpu")
+    model = tiny_model_as(request.param, tiny_config, tmp_path_factory)
     engine = ChatEngine(model, name="tiny", max_concurrency=4, gen=GenerationConfig(max_new_tokens=8))
     with serving(create_app(engine)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

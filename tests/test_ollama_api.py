@@ -12,13 +12,11 @@ import httpx
 import jsonschema
 import ollama
 import pytest
-import torch
+from conftest import tiny_model_as
 from PIL import Image, ImageDraw
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
-from mllm.assembly import build_model
-from mllm.checkpoint import save_pretrained
 from mllm.generation import GenerationConfig
 from mllm.loading import load_model
 
@@ -33,12 +31,7 @@ def png(color=(200, 0, 0), size: int = 20) -> bytes:
 
 @pytest.fixture(scope="module", params=["float32", "cpu-default"])
 def server(request, tiny_config, tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(tiny_config, device="cpu").eval()
-    if request.param == "cpu-default":
-        directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
-        save_pretrained(model, directory)
-        model = load_model(str(directory), device="cpu")
+    model = tiny_model_as(request.param, tiny_config, tmp_path_factory)
     engine = ChatEngine(model, name="tiny", max_concurrency=4, gen=GenerationConfig(max_new_tokens=8))
     with serving(create_app(engine, api_key=KEY, max_body_bytes=2**20)) as url:
         yield url

@@ -13,13 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-import torch
+from conftest import tiny_model_as
 from PIL import Image, ImageDraw
 
 from app.api import create_app, serving
 from app.engine import ChatEngine
-from mllm.assembly import build_model
-from mllm.checkpoint import save_pretrained
 from mllm.constrained import Grammar
 from mllm.errors import GrammarError
 from mllm.generation import GenerationConfig, Reply
@@ -108,12 +106,7 @@ def test_strict_refuses_a_keyword_the_grammar_cannot_enforce_and_lenient_ignores
 
 @pytest.fixture(scope="module", params=["float32", "cpu-default"])
 def client(request, tiny_config, tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(tiny_config, device="cpu").eval()
-    if request.param == "cpu-default":
-        directory = tmp_path_factory.mktemp("ckpt") / "ckpt"
-        save_pretrained(model, directory)
-        model = load_model(str(directory), device="cpu")
+    model = tiny_model_as(request.param, tiny_config, tmp_path_factory)
     engine = ChatEngine(model, name="tiny", max_concurrency=8, gen=GenerationConfig(max_new_tokens=8))
     with serving(create_app(engine)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
